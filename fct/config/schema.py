@@ -1,0 +1,200 @@
+"""Config sections. Field names follow the reference FCT/FastFill schema (protocols.md §9);
+fields marked *extension* are ours and have defaults, so reference configs load unchanged.
+
+``dataset_params.batch_size`` is the **global** batch: under ``torchrun`` with W processes each
+process takes ``batch_size / W`` samples per step, so a config means the same optimisation on one
+GPU or eight (the learning rate needs no rescaling when the process count changes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional, Union
+
+from fct.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchParams:
+    """Backbone architecture (``arch_params`` of a backbone config)."""
+
+    arch: str
+    num_classes: int  # width of the classifier layer (may exceed the classes trained on)
+    embedding_dim: Optional[int] = None  # None: the architecture's natural width
+    last_nonlin: bool = True  # ReLU on the embedding (reference behaviour)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ConfigError(f"arch_params.num_classes must be >= 1, got {self.num_classes}")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise ConfigError(f"arch_params.embedding_dim must be >= 1, got {self.embedding_dim}")
+
+
+@dataclass(frozen=True)
+class OptimizerParams:
+    algorithm: Literal["sgd", "adam", "adamw"]
+    lr: float
+    weight_decay: float = 0.0
+    no_bn_decay: bool = False  # no weight decay on BatchNorm parameters and biases
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer_params.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer_params.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    name: str
+    data_root: str = ""
+    num_classes: Optional[int] = None  # train on labels 0..num_classes-1 only; None: all
+    num_workers: int = 4
+    batch_size: int = 256  # global batch, split over processes
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"dataset_params.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"dataset_params.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"dataset_params.num_classes must be >= 1, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class LrPolicyParams:
+    """Learning-rate schedule. ``epochs`` and ``lr`` repeat top-level values in reference
+    configs: they may be omitted here, and when given they must agree."""
+
+    algorithm: Literal["cosine_lr", "constant_lr", "multistep_lr"] = "cosine_lr"
+    warmup_length: int = 0  # epochs of linear warm-up
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
+    lr_gamma: float = 0.1  # multistep: decay factor
+    # multistep: an int decays every that many epochs (reference); a list gives the milestones
+    lr_adjust: Union[int, list[int], None] = None
+    per_step: bool = True  # extension: update the lr every step (fractional epoch), not per epoch
+
+    def __post_init__(self) -> None:
+        if self.warmup_length < 0:
+            raise ConfigError(f"lr_policy_params.warmup_length must be >= 0, got {self.warmup_length}")
+        if self.algorithm == "multistep_lr" and self.lr_adjust is None:
+            raise ConfigError("lr_policy_params.lr_adjust is required for multistep_lr")
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Extension: how a run executes (none of it changes the maths)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    sync_batchnorm: bool = True  # under DDP on GPU only
+    progress: bool = True  # progress bars (rank 0 only)
+    tensorboard: bool = True
+    deterministic: bool = False
+
+
+def _check_twice(section: str, name: str, nested: object, top: object) -> None:
+    if nested is not None and top is not None and nested != top:
+        raise ConfigError(
+            f"{section}.{name}={nested!r} disagrees with {name}={top!r}; give it once or make them equal"
+        )
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """``train_backbone.py`` config."""
+
+    arch_params: ArchParams
+    optimizer_params: OptimizerParams
+    dataset_params: DatasetParams
+    epochs: int
+    output_model_path: str
+    lr_policy_params: LrPolicyParams = field(default_factory=LrPolicyParams)
+    label_smoothing: float = 0.0
+    seed: int = 0  # extension
+    output_dir: Optional[str] = None  # extension: run folder; default runs/<model file stem>
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)  # extension
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check_twice("lr_policy_params", "epochs", self.lr_policy_params.epochs, self.epochs)
+        _check_twice("lr_policy_params", "lr", self.lr_policy_params.lr, self.optimizer_params.lr)
+        if self.lr_policy_params.warmup_length > self.epochs:
+            raise ConfigError(
+                f"lr_policy_params.warmup_length={self.lr_policy_params.warmup_length} exceeds epochs={self.epochs}"
+            )
+        n = self.dataset_params.num_classes
+        if n is not None and n > self.arch_params.num_classes:
+            raise ConfigError(
+                f"dataset_params.num_classes={n} exceeds arch_params.num_classes={self.arch_params.num_classes} "
+                "(the classifier has too few outputs)"
+            )
+
+    @property
+    def run_dir(self) -> str:
+        if self.output_dir:
+            return self.output_dir
+        stem = os.path.splitext(os.path.basename(self.output_model_path))[0]
+        return os.path.join("runs", stem)
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    _aliases: ClassVar[dict[str, str]] = {"distance_metric_name": "distance_metric"}
+
+    distance_metric: Literal["l2", "cosine"] = "l2"
+    verbose: bool = True
+    compute_map: bool = True
+    per_class: bool = False  # per-class CMC top-1/top-5 in the results
+    topk: list[int] = field(default_factory=lambda: [1, 5])  # extension
+    knn_backend: str = "torch"  # extension: torch (exact, chunked) | faiss
+    chunk_size: Optional[int] = None  # extension: queries per chunk; None: from a memory budget
+    # extension: 'auto' = leave-one-out when both sides are the same images (two models on the
+    # evaluation split, or one features file on both sides)
+    leave_one_out: Union[Literal["auto"], bool] = "auto"
+    # backfilling (FastFill), evaluated by the backfilling module
+    backfilling: Optional[int] = None
+    backfilling_list: list[str] = field(default_factory=lambda: ["random"])
+    backfilling_result_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.topk or any(k < 1 for k in self.topk):
+            raise ConfigError(f"eval_params.topk must be a non-empty list of positive ints, got {self.topk}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``eval.py`` config: two models (query, gallery) on the evaluation split, or precomputed
+    embeddings (``query_features_path`` / ``gallery_features_path``, ``.npz`` with ``features``
+    and ``labels``)."""
+
+    gallery_model_path: Optional[str] = None
+    query_model_path: Optional[str] = None
+    query_features_path: Optional[str] = None  # extension
+    gallery_features_path: Optional[str] = None  # extension
+    eval_params: EvalParams = field(default_factory=EvalParams)
+    dataset_params: Optional[DatasetParams] = None
+    results_path: Optional[str] = None  # extension: JSON results
+    seed: int = 0  # extension (random backfilling order)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)  # extension
+
+    def __post_init__(self) -> None:
+        for side in ("query", "gallery"):
+            model = getattr(self, f"{side}_model_path")
+            feats = getattr(self, f"{side}_features_path")
+            if model is not None and feats is not None:
+                raise ConfigError(f"give {side}_model_path or {side}_features_path, not both")
+            if model is None and feats is None:
+                raise ConfigError(f"missing {side}_model_path (or {side}_features_path)")
+            if model is not None and self.dataset_params is None:
+                raise ConfigError(f"{side}_model_path needs dataset_params (the evaluation split)")

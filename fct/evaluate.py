@@ -1,0 +1,171 @@
+"""``eval.py``: retrieval evaluation of a (query model, gallery model) pair or of stored embeddings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fct import dist
+from fct.config.loader import to_dict
+from fct.config.schema import DatasetParams, EvalConfig
+from fct.errors import UserError
+from fct.io import atomic_write_json
+from fct.report import format_table
+from fct.runtime import Runtime, make_runtime
+
+
+@dataclass
+class Embeddings:
+    features: torch.Tensor  # (N, D) float32, CPU
+    labels: torch.Tensor  # (N,) int64
+    source: str  # the file it came from
+
+
+def load_feature_file(path: str) -> Embeddings:
+    """An ``.npz`` with ``features`` float (N, D) and ``labels`` int (N,)."""
+    if not os.path.isfile(path):
+        raise UserError(f"features file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("features", "labels") if k not in z.files]
+            if missing:
+                raise UserError(f"{path}: missing array(s) {', '.join(missing)}; found {', '.join(z.files) or 'none'}")
+            feats, labels = z["features"], z["labels"]
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip/format errors of any kind
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+        raise UserError(f"{path}: 'features' must be a float array (N, D), got {feats.dtype} {feats.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(feats):
+        raise UserError(
+            f"{path}: 'labels' must be an int array (N,) with N={len(feats)}, got {labels.dtype} {labels.shape}"
+        )
+    return Embeddings(torch.from_numpy(feats.astype(np.float32, copy=False)),
+                      torch.from_numpy(labels.astype(np.int64, copy=False)), path)
+
+
+def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddings:
+    """Embeddings of the evaluation split (all classes) under the model in ``model_path``."""
+    from fct.data import build_dataset
+    from fct.models import load_model_file
+    from fct.retrieval import extract_features
+
+    model = load_model_file(model_path, map_location="cpu")
+    model = rt.prepare_model(model).eval()
+    dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None)
+    feats, labels = extract_features(
+        model, dataset, batch_size=max(1, dp.batch_size // dist.world_size()), num_workers=dp.num_workers,
+        device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last,
+        progress=rt.params.progress,
+    )
+    return Embeddings(feats.float().cpu(), labels.cpu(), model_path)
+
+
+def per_class_cmc(q: Embeddings, g: Embeddings, metric: str, exclude_self: bool, topk: tuple[int, ...],
+                  backend: str, chunk_size: Optional[int]) -> dict[str, dict[str, float]]:
+    """CMC top-k per query class, from the k nearest neighbours."""
+    from fct.retrieval.knn import KNN_BACKENDS
+
+    _, idx = KNN_BACKENDS.get(backend)(q.features, g.features, max(topk), metric, exclude_self, chunk_size)
+    hits = g.labels[idx] == q.labels[:, None]  # (Nq, k)
+    out: dict[str, dict[str, float]] = {}
+    for c in torch.unique(q.labels).tolist():
+        m = q.labels == c
+        out[str(c)] = {f"top{k}": 100.0 * hits[m, :k].any(1).float().mean().item() for k in topk}
+    return out
+
+
+def _side(cfg: EvalConfig, side: str, rt: Runtime, cache: dict[str, Embeddings]) -> Embeddings:
+    feats_path = getattr(cfg, f"{side}_features_path")
+    if feats_path is not None:
+        key = "features:" + os.path.realpath(feats_path)
+        if key not in cache:
+            cache[key] = load_feature_file(feats_path)
+        return cache[key]
+    model_path = getattr(cfg, f"{side}_model_path")
+    key = "model:" + os.path.realpath(model_path)
+    if key not in cache:
+        assert cfg.dataset_params is not None  # checked by EvalConfig
+        cache[key] = model_embeddings(model_path, cfg.dataset_params, rt)
+    return cache[key]
+
+
+def _leave_one_out(cfg: EvalConfig, q: Embeddings, g: Embeddings) -> bool:
+    """Leave-one-out when queries and gallery are the same images: the evaluation split under two
+    models, or one features file on both sides (or when eval_params.leave_one_out says so)."""
+    setting = cfg.eval_params.leave_one_out
+    if setting != "auto":
+        same = bool(setting)
+    elif cfg.query_model_path is not None and cfg.gallery_model_path is not None:
+        same = True
+    else:
+        same = (
+            cfg.query_features_path is not None
+            and cfg.gallery_features_path is not None
+            and os.path.realpath(cfg.query_features_path) == os.path.realpath(cfg.gallery_features_path)
+        )
+    if same and (len(q.labels) != len(g.labels) or not torch.equal(q.labels, g.labels)):
+        raise UserError(
+            "leave-one-out needs the same images on both sides, but the query and gallery labels differ "
+            f"({len(q.labels)} vs {len(g.labels)} items); set eval_params.leave_one_out: false"
+        )
+    return same
+
+
+def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
+             cache: Optional[dict[str, Embeddings]] = None) -> dict:
+    """Run one evaluation case; returns the results dict (also written to ``cfg.results_path``)."""
+    from fct.retrieval import retrieval_metrics
+
+    if cfg.eval_params.backfilling is not None:
+        raise UserError("eval_params.backfilling: backfilling curves are not available in this version yet")
+    rt = rt or make_runtime(cfg.runtime)
+    cache = {} if cache is None else cache
+    q = _side(cfg, "query", rt, cache)
+    g = _side(cfg, "gallery", rt, cache)
+    if q.features.shape[1] != g.features.shape[1]:
+        raise UserError(
+            f"query embeddings are {q.features.shape[1]}-d ({q.source}) but gallery embeddings are "
+            f"{g.features.shape[1]}-d ({g.source}): they are not comparable; evaluate the gallery through a "
+            "transformation into the query model's space"
+        )
+    ep = cfg.eval_params
+    loo = _leave_one_out(cfg, q, g)
+    metrics: dict = {}
+    if dist.is_main():
+        metrics = retrieval_metrics(
+            q.features.to(rt.device), q.labels.to(rt.device), g.features.to(rt.device), g.labels.to(rt.device),
+            metric=ep.distance_metric, exclude_self=loo, topk=tuple(ep.topk), compute_map=ep.compute_map,
+            knn_backend=ep.knn_backend, chunk_size=ep.chunk_size, progress=rt.params.progress and ep.verbose,
+        )
+    result = {
+        **{k: v for k, v in metrics.items()},
+        "case": {
+            "query": q.source,
+            "gallery": g.source,
+            "distance_metric": ep.distance_metric,
+            "leave_one_out": loo,
+            "num_queries": int(len(q.labels)),
+            "num_gallery": int(len(g.labels)),
+            "dataset": to_dict(cfg.dataset_params) if cfg.dataset_params else None,
+        },
+    }
+    if ep.per_class and dist.is_main():
+        result["per_class"] = per_class_cmc(q, g, ep.distance_metric, loo, tuple(ep.topk),
+                                            ep.knn_backend, ep.chunk_size)
+    if dist.is_main():
+        if cfg.results_path:
+            atomic_write_json(result, cfg.results_path)
+        if ep.verbose:
+            cols = [f"top{k}" for k in ep.topk] + (["mAP"] if ep.compute_map else [])
+            print(format_table(["query", "gallery"] + cols,
+                               [[Path(q.source).name, Path(g.source).name] + [result.get(c) for c in cols]]))
+            if cfg.results_path:
+                print(f"results written to {cfg.results_path}")
+    return result
