@@ -1,0 +1,30 @@
+# The two commands of README.md: `make quickstart` and `make test`. Both create the virtual
+# environment and install requirements.txt when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fct-installed
+
+.PHONY: venv quickstart test reproduce-cpu bench clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m fct.quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_train.py
+
+clean-runs:
+	rm -rf runs/quickstart

@@ -1,0 +1,171 @@
+"""Strict config loading: the reference schema loads unchanged; every user mistake is one clear error."""
+
+import textwrap
+
+import pytest
+import yaml
+
+from fct.config import BackboneConfig, EvalConfig, apply_overrides, from_dict, load_config, to_dict
+from fct.errors import ConfigError
+
+REFERENCE_BACKBONE = textwrap.dedent("""\
+    arch_params:
+      arch: ResNet50
+      num_classes: 100 # This is the number of classes for architecture FC layer.
+      embedding_dim: 128
+      last_nonlin: True
+    optimizer_params:
+      algorithm: sgd
+      lr: 1.024
+      weight_decay: 0.000030517578125
+      no_bn_decay: False
+      momentum: 0.875
+      nesterov: False
+    dataset_params:
+      name: cifar100
+      data_root: data_store/cifar-100-python
+      num_classes: 50
+      num_workers: 20
+      batch_size: 1024
+    lr_policy_params:
+      algorithm: cosine_lr
+      warmup_length: 5
+      epochs: 100
+      lr: 1.024
+    epochs: 100
+    label_smoothing: 0.1
+    output_model_path: checkpoints/cifar100_old.pt
+""")
+
+REFERENCE_EVAL = textwrap.dedent("""\
+    gallery_model_path: checkpoints/cifar100_old_transformed.pt
+    query_model_path: checkpoints/cifar100_new.pt
+    eval_params:
+      distance_metric: l2
+      verbose: True
+      compute_map: True
+      per_class: False
+    dataset_params:
+      name: cifar100
+      data_root: data_store/cifar-100-python
+      num_workers: 20
+      batch_size: 1024
+""")
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_reference_backbone_config_loads(tmp_path):
+    cfg = load_config(BackboneConfig, write(tmp_path, REFERENCE_BACKBONE))
+    assert cfg.arch_params.arch == "ResNet50" and cfg.arch_params.embedding_dim == 128
+    assert cfg.optimizer_params.weight_decay == 2**-15
+    assert cfg.dataset_params.num_classes == 50 and cfg.arch_params.num_classes == 100
+    assert cfg.lr_policy_params.warmup_length == 5 and cfg.epochs == 100
+    assert cfg.run_dir == "runs/cifar100_old"
+    # defaults of the extensions
+    assert cfg.seed == 0 and cfg.runtime.precision == "auto"
+
+
+def test_reference_eval_config_loads_and_alias(tmp_path):
+    cfg = load_config(EvalConfig, write(tmp_path, REFERENCE_EVAL))
+    assert cfg.eval_params.distance_metric == "l2" and cfg.eval_params.compute_map
+    alias = REFERENCE_EVAL.replace("distance_metric: l2", "distance_metric_name: cosine")
+    assert load_config(EvalConfig, write(tmp_path, alias)).eval_params.distance_metric == "cosine"
+
+
+def test_repo_configs_all_load(repo):
+    for path in sorted((repo / "configs").rglob("*.yaml")):
+        cls = EvalConfig if "eval" in path.name else BackboneConfig
+        if "transformation" in path.name or "chain" in path.name:
+            continue
+        load_config(cls, path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(BackboneConfig, write(tmp_path, REFERENCE_BACKBONE))
+    again = from_dict(BackboneConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        # unknown key: names key, file and the closest valid key
+        (("optimizer_params:\n", "optimizer_params:\n  lrr: 0.1\n"), ["optimizer_params.lrr", "did you mean", "'lr'"]),
+        (("\nepochs: 100\n", "\nepochs: 100\nepoch: 3\n"), ["unknown key 'epoch'", "'epochs'"]),
+        # wrong types
+        (("  lr: 1.024\n  weight", "  lr: fast\n  weight"), ["optimizer_params.lr", "float"]),
+        (("\nepochs: 100\n", "\nepochs: 1.5\n"), ["epochs", "int"]),
+        (("  nesterov: False", "  nesterov: 3"), ["nesterov", "bool"]),
+        (("  batch_size: 1024", "  batch_size: true"), ["batch_size", "int"]),
+        (("  algorithm: sgd", "  algorithm: sgdd"), ["optimizer_params.algorithm", "did you mean 'sgd'"]),
+        (("  arch: ResNet50\n", "  arch: [1]\n"), ["arch_params.arch", "str"]),
+        # a value given twice that disagrees
+        (("  epochs: 100\n  lr", "  epochs: 90\n  lr"), ["lr_policy_params.epochs=90", "epochs=100"]),
+        (("  lr: 1.024\n\n", "  lr: 0.5\n"), []),  # placeholder replaced below
+        # missing required key
+        (("output_model_path: checkpoints/cifar100_old.pt\n", ""), ["missing required key 'output_model_path'"]),
+        # value out of range
+        (("label_smoothing: 0.1", "label_smoothing: 1.5"), ["label_smoothing"]),
+        (("  num_classes: 50", "  num_classes: 500"), ["dataset_params.num_classes=500", "arch_params.num_classes=100"]),
+        (("label_smoothing: 0.1", "label_smoothing: 0.1\nruntime: 3"), ["runtime must be a mapping"]),
+    ],
+)
+def test_config_errors(tmp_path, edit, fragments):
+    old, new = edit
+    if not fragments:  # lr given twice with different values
+        text = REFERENCE_BACKBONE.replace("  epochs: 100\n  lr: 1.024", "  epochs: 100\n  lr: 0.5")
+        fragments = ["lr_policy_params.lr=0.5", "lr=1.024"]
+    else:
+        assert old in REFERENCE_BACKBONE, old
+        text = REFERENCE_BACKBONE.replace(old, new, 1)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(BackboneConfig, path)
+    msg = str(e.value)
+    assert str(path) in msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    assert "\n" not in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(BackboneConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(BackboneConfig, write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(BackboneConfig, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_alias_disagreement(tmp_path):
+    text = REFERENCE_EVAL.replace("distance_metric: l2", "distance_metric: l2\n  distance_metric_name: cosine")
+    with pytest.raises(ConfigError, match="distance_metric_name='cosine' disagrees"):
+        load_config(EvalConfig, write(tmp_path, text))
+
+
+def test_eval_needs_both_sides(tmp_path):
+    with pytest.raises(ConfigError, match="missing query_model_path"):
+        load_config(EvalConfig, write(tmp_path, "gallery_features_path: g.npz\n"))
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(EvalConfig, write(tmp_path, "query_features_path: q.npz\nquery_model_path: m.pt\n"
+                                                 "gallery_features_path: g.npz\n"))
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, REFERENCE_BACKBONE)
+    cfg = load_config(BackboneConfig, path, ["optimizer_params.lr=0.1", "lr_policy_params.lr=0.1",
+                                             "epochs=3", "lr_policy_params.epochs=3", "lr_policy_params.warmup_length=1",
+                                             "runtime.channels_last=false", "dataset_params.name=npz"])
+    assert cfg.optimizer_params.lr == 0.1 and cfg.epochs == 3
+    assert cfg.runtime.channels_last is False and cfg.dataset_params.name == "npz"
+    with pytest.raises(ConfigError, match="with --set overrides.*optimizer_params.lrr"):
+        load_config(BackboneConfig, path, ["optimizer_params.lrr=0.1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(BackboneConfig, path, ["epochs"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"epochs": 3}, ["epochs.x=1"])
