@@ -1,0 +1,165 @@
+"""eval.py end to end: models, TorchScript models, feature files, errors, torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from fct.config import EvalConfig, load_config
+from fct.errors import UserError
+from fct.evaluate import evaluate
+from fct.models import build_backbone, save_model_file
+from fct.retrieval.reference import naive_retrieval_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, dim, seed in (("a", 16, 0), ("b", 16, 1), ("c", 8, 2)):
+        torch.manual_seed(seed)
+        arch = {"arch": "CifarResNet20", "num_classes": 10, "embedding_dim": dim, "last_nonlin": True}
+        m = build_backbone(**arch).eval()
+        save_model_file(d / f"{name}.pt", m, kind="backbone", arch_params=arch)
+        paths[name] = d / f"{name}.pt"
+
+    class Scripted(torch.nn.Module):  # the reference's TorchScript files: forward returns the embedding
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).embedding[:, :, None, None]
+
+    torch.manual_seed(0)
+    inner = build_backbone(arch="CifarResNet20", num_classes=10, embedding_dim=16, last_nonlin=True).eval()
+    scripted = torch.jit.trace(Scripted(inner), torch.zeros(2, 3, 8, 8))
+    torch.jit.save(scripted, str(d / "a_script.pt"))
+    paths["a_script"] = d / "a_script.pt"
+    return paths
+
+
+def eval_cfg(tmp_path, body, extra=""):
+    p = tmp_path / "eval.yaml"
+    p.write_text(textwrap.dedent(body) + extra)
+    return p
+
+
+DIGITS = "dataset_params: {name: digits, num_workers: 0, batch_size: 128}\nruntime: {progress: false}\n"
+
+
+def test_models_on_digits_equal_naive_reference(tmp_path, models):
+    from fct.data import build_dataset
+    from fct.models import load_model_file
+
+    cfg = load_config(EvalConfig, eval_cfg(tmp_path, f"""\
+        query_model_path: {models['b']}
+        gallery_model_path: {models['a']}
+        results_path: {tmp_path}/res.json
+        eval_params: {{verbose: false}}
+        """, DIGITS))
+    res = evaluate(cfg)
+    ds = build_dataset("digits", "", "val", augment=False)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    labels = np.array([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        q = load_model_file(models["b"])(x).embedding.numpy()
+        g = load_model_file(models["a"])(x).embedding.numpy()
+    ref = naive_retrieval_metrics(q, labels, g, labels, metric="l2", exclude_self=True)
+    for k in ("top1", "top5", "mAP"):
+        assert res[k] == pytest.approx(ref[k], abs=1e-4)
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert saved["case"]["leave_one_out"] is True and saved["top1"] == pytest.approx(res["top1"])
+
+
+def test_torchscript_model_matches_own_model_file(tmp_path, models):
+    base = "eval_params: {verbose: false}\n" + DIGITS
+    own = evaluate(load_config(EvalConfig, eval_cfg(tmp_path, f"query_model_path: {models['a']}\n"
+                                                               f"gallery_model_path: {models['a']}\n" + base)))
+    ts = evaluate(load_config(EvalConfig, eval_cfg(tmp_path, f"query_model_path: {models['a_script']}\n"
+                                                              f"gallery_model_path: {models['a_script']}\n" + base)))
+    for k in ("top1", "top5", "mAP"):
+        assert own[k] == pytest.approx(ts[k], abs=1e-4)
+
+
+def test_feature_files(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 200)
+    feats = (rng.normal(size=(5, 8))[labels] + rng.normal(size=(200, 8))).astype(np.float32)
+    np.savez(tmp_path / "f.npz", features=feats, labels=labels)
+    other = feats[:50] + 0.1
+    np.savez(tmp_path / "q.npz", features=other.astype(np.float32), labels=labels[:50])
+    same = evaluate(load_config(EvalConfig, eval_cfg(tmp_path, f"""\
+        query_features_path: {tmp_path}/f.npz
+        gallery_features_path: {tmp_path}/f.npz
+        eval_params: {{verbose: false, distance_metric: cosine}}
+        """)))
+    ref = naive_retrieval_metrics(feats, labels, feats, labels, metric="cosine", exclude_self=True)
+    assert same["case"]["leave_one_out"] and same["mAP"] == pytest.approx(ref["mAP"], abs=1e-4)
+    cross = evaluate(load_config(EvalConfig, eval_cfg(tmp_path, f"""\
+        query_features_path: {tmp_path}/q.npz
+        gallery_features_path: {tmp_path}/f.npz
+        eval_params: {{verbose: false}}
+        """)))
+    ref = naive_retrieval_metrics(other, labels[:50], feats, labels, metric="l2", exclude_self=False)
+    assert not cross["case"]["leave_one_out"] and cross["top1"] == pytest.approx(ref["top1"], abs=1e-4)
+
+
+DIGITS_FMT = DIGITS.replace("{", "{{").replace("}", "}}")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("query_model_path: {d}/missing.pt\ngallery_model_path: {a}\n" + DIGITS_FMT, "missing.pt"),
+    ("query_model_path: {c}\ngallery_model_path: {a}\n" + DIGITS_FMT, "8-d"),
+    ("query_model_path: {d}/eval.yaml\ngallery_model_path: {a}\n" + DIGITS_FMT, "eval.yaml"),
+    ("query_features_path: {d}/nope.npz\ngallery_features_path: {d}/nope.npz\n", "nope.npz"),
+    ("query_features_path: {d}/bad.npz\ngallery_features_path: {d}/bad.npz\n", "labels"),
+    ("query_model_path: {a}\ngallery_model_path: {a}\n" + DIGITS_FMT + "eval_params: {{distance_metric: l3}}\n", "l3"),
+])
+def test_eval_user_errors_exit_2(tmp_path, models, body, fragment):
+    np.savez(tmp_path / "bad.npz", features=np.zeros((3, 2), np.float32))
+    cfg = eval_cfg(tmp_path, body.format(d=tmp_path, a=models["a"], c=models["c"]))
+    r = run_script("eval.py", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and fragment in r.stderr, r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_eval_under_torchrun_equals_single_process(tmp_path, models):
+    body = f"""\
+        query_model_path: {models['b']}
+        gallery_model_path: {models['a']}
+        results_path: {{out}}
+        dataset_params: {{{{name: digits, num_workers: 0, batch_size: 50}}}}
+        runtime: {{{{progress: false}}}}
+        """
+    one = eval_cfg(tmp_path, body.format(out=tmp_path / "one.json"))
+    r = run_script("eval.py", "--config", str(one))
+    assert r.returncode == 0, r.stderr
+    two = tmp_path / "two.yaml"
+    two.write_text(textwrap.dedent(body.format(out=tmp_path / "two.json")))
+    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                   "eval.py", "--config", str(two))
+    assert r.returncode == 0, r.stderr
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    for k in ("top1", "top5", "mAP", "num_queries"):
+        assert a[k] == pytest.approx(b[k], abs=1e-6)
