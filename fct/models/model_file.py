@@ -1,0 +1,345 @@
+"""Self-describing model files, loaded without unpickling code.
+
+A model file is one ``torch.save``'d dict holding only plain types and tensors::
+
+    {'format': 'fct-model', 'format_version': 1, 'kind': 'backbone',
+     'arch_params': {...}, 'state_dict': {...}, 'meta': {...}}
+
+``kind`` names a builder in :data:`MODEL_KINDS` that turns ``arch_params`` into an empty module;
+the state dict is then loaded into it. Since the file never stores a class, it loads with
+``torch.load(weights_only=True)``. TorchScript files of the FCT reference implementation are
+accepted wherever a model path is: they are wrapped in :class:`ScriptedEmbeddingModel`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from fct.errors import ConfigError, UserError
+from fct.io import atomic_torch_save
+from fct.models.backbones import BackboneOutput, build_backbone
+from fct.registry import Registry
+
+FORMAT = "fct-model"
+FORMAT_VERSION = 1
+_HEADER_KEYS = ("format", "format_version", "kind", "arch_params", "state_dict", "meta")
+# Wrappers whose state dicts prefix every key: DDP ('module.') and torch.compile ('_orig_mod.').
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+PathLike = Union[str, os.PathLike]
+Device = Union[str, torch.device]
+
+ModelBuilder = Callable[[dict], nn.Module]
+
+MODEL_KINDS: Registry[ModelBuilder] = Registry("model kind")
+
+_BACKBONE_PARAMS = ("arch", "num_classes", "embedding_dim", "last_nonlin")
+
+
+@MODEL_KINDS.register("backbone")
+def _build_backbone_kind(arch_params: dict) -> nn.Module:
+    unknown = sorted(set(arch_params) - set(_BACKBONE_PARAMS))
+    if unknown:
+        raise ConfigError(f"unknown arch_params key(s) {', '.join(unknown)}; valid: {', '.join(_BACKBONE_PARAMS)}")
+    for key in ("arch", "num_classes"):
+        if key not in arch_params:
+            raise ConfigError(f"arch_params.{key} is missing")
+    return build_backbone(**arch_params)
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript models of the reference implementation
+# --------------------------------------------------------------------------------------------
+
+
+class ScriptedEmbeddingModel(nn.Module):
+    """Wraps a TorchScript embedding model so it answers like a backbone.
+
+    The reference backbones return the pooled feature (N, D, 1, 1), its side-information models
+    (N, 128, 1, 1); a scripted model returning a tuple contributes its first tensor. When the
+    archive is a reference backbone (``model.fc.weight`` of shape (C, D, 1, 1)), its classifier
+    is exposed, frozen, as ``.classifier`` (nn.Linear, no bias) so BCT/FastFill can use it;
+    otherwise ``.classifier`` is None. ``logits`` is always None.
+    """
+
+    def __init__(self, scripted: torch.jit.ScriptModule, source: str = "") -> None:
+        super().__init__()
+        self.scripted = scripted
+        self.source = source
+        self.classifier: Optional[nn.Linear] = None
+        self.embedding_dim: Optional[int] = None
+        self.num_classes: Optional[int] = None
+        fc = dict(scripted.named_parameters()).get("model.fc.weight")
+        if fc is not None and fc.dim() == 4 and fc.shape[2:] == (1, 1):
+            self.num_classes, self.embedding_dim = int(fc.shape[0]), int(fc.shape[1])
+            self.classifier = nn.Linear(self.embedding_dim, self.num_classes, bias=False)
+            with torch.no_grad():
+                self.classifier.weight.copy_(fc.detach().flatten(1))
+            self.classifier.requires_grad_(False)
+            self.classifier.to(fc.device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, D)."""
+        out = self.scripted(x)
+        if isinstance(out, (tuple, list)):
+            tensors = [o for o in out if isinstance(o, torch.Tensor)]
+            if not tensors:
+                raise UserError(f"{self.source}: the TorchScript model returned no tensor")
+            out = tensors[0]
+        if not isinstance(out, torch.Tensor):
+            raise UserError(f"{self.source}: the TorchScript model returned {type(out).__name__}, not a tensor")
+        return out.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        """(N, 3, H, W) -> BackboneOutput(embedding (N, D), logits None)."""
+        return BackboneOutput(embedding=self.features(x), logits=None)
+
+
+def is_torchscript_file(path: PathLike) -> bool:
+    """True for an archive written by ``torch.jit.save`` (``<name>/code/`` and ``<name>/constants.pkl``).
+
+    ``torch.save`` also writes a zip, but never a ``code/`` folder nor ``constants.pkl``.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(re.fullmatch(r"[^/]+/(code/.+|constants\.pkl)", n) for n in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove leading 'module.' / '_orig_mod.' (in any nesting) from every key."""
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` is made of types that ``weights_only`` loading accepts."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: key {k!r} is not a string")
+            _check_plain(item, f"{where}.{k}")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; model files hold only dicts, lists, "
+                    "str, int, float, bool, None and tensors")
+
+
+def save_model_file(path: PathLike, model: nn.Module, *, kind: str, arch_params: dict,
+                    meta: Optional[dict] = None) -> None:
+    """Write ``model`` atomically as an fct-model file (rank 0 should call this, not every rank).
+
+    Tensors are stored detached on the CPU; DDP / torch.compile prefixes are stripped.
+    """
+    MODEL_KINDS.get(kind)  # an unknown kind fails now, not when someone loads the file
+    meta = {} if meta is None else meta
+    _check_plain(arch_params, "arch_params")
+    _check_plain(meta, "meta")
+    state = strip_wrapper_prefixes(unwrap_model(model).state_dict())
+    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    _check_plain(state, "state_dict")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "arch_params": dict(arch_params),
+        "state_dict": state,
+        "meta": dict(meta),
+    }
+    atomic_torch_save(payload, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> str:
+    """A few words on what a file that is not a PyTorch file seems to be."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (OSError, zipfile.BadZipFile):
+            names = []
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy .npz archive"
+        return "a zip archive that torch.load cannot read"
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "a JSON file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "an unknown binary file"
+
+
+def _describe(value: Any) -> str:
+    """What a loaded object that lacks our header looks like."""
+    if isinstance(value, Mapping):
+        keys = list(value.keys())
+        if "format" in value and value["format"] != FORMAT:
+            return f"a {value['format']!r} file"
+        if keys and all(isinstance(v, torch.Tensor) for v in value.values()):
+            return f"a plain state_dict ({len(keys)} tensors, e.g. {keys[0]!r}) without the 'fct-model' header"
+        shown = ", ".join(map(str, keys[:6])) + (", ..." if len(keys) > 6 else "")
+        if {"optimizer", "epoch"} & set(map(str, keys)):
+            return f"a training checkpoint (keys: {shown})"
+        return f"a dict with keys {shown or '(none)'}"
+    if isinstance(value, torch.Tensor):
+        return f"a single tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def read_model_file(path: PathLike) -> dict:
+    """Load and validate an fct-model file; returns its raw dict (tensors on the CPU)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"model file {path} is a directory, not a file")
+    if is_torchscript_file(path):
+        raise UserError(f"{path} is a TorchScript archive, not an fct-model file; load it with load_model_file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg:
+            found = re.search(r"GLOBAL (\S+)", msg)
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"{path} is not a safe model file: loading it would unpickle code{what}; "
+                            "fct loads model files with weights_only=True only") from None
+        raise UserError(f"{path} is not a model file: it is {_sniff(path)}, not a PyTorch file") from None
+    except Exception:  # noqa: BLE001 - arbitrary bytes fail inside the unpickler in many ways
+        raise UserError(f"{path} is not a model file: it is {_sniff(path)}, not a PyTorch file") from None
+
+    if not (isinstance(data, dict) and data.get("format") == FORMAT):
+        raise UserError(f"{path} is not an fct model file: it is {_describe(data)}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: fct-model format_version {version!r} is not supported (this code reads "
+                        f"version {FORMAT_VERSION})")
+    missing = [k for k in _HEADER_KEYS if k not in data]
+    extra = sorted(set(data) - set(_HEADER_KEYS))
+    if missing or extra:
+        raise UserError(f"{path}: malformed fct-model file (missing keys: {missing or 'none'}, "
+                        f"unexpected keys: {extra or 'none'})")
+    for key, typ in (("kind", str), ("arch_params", dict), ("state_dict", dict), ("meta", dict)):
+        if not isinstance(data[key], typ):
+            raise UserError(f"{path}: malformed fct-model file ({key!r} is a {type(data[key]).__name__})")
+    bad = [k for k, v in data["state_dict"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path}: malformed fct-model file (state_dict entry {bad[0]!r} is not a tensor)")
+    return data
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """``load_state_dict(strict=True)`` with one readable error naming the first offending keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch: {_first(shapes, 2)}")
+        raise UserError(f"{path}: state_dict does not match {what}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model_file(path: PathLike, map_location: Device = "cpu") -> nn.Module:
+    """Build the model an fct-model file describes (or wrap a TorchScript file); eval mode, on map_location."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file {path} does not exist")
+    if is_torchscript_file(path):
+        try:
+            with warnings.catch_warnings():
+                # TorchScript is deprecated upstream, but it is the reference's exchange format.
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+                scripted = torch.jit.load(str(path), map_location=map_location)
+        except Exception as e:  # a corrupt archive surfaces as several error types
+            detail = " ".join(str(e).split())[:120]
+            raise UserError(f"{path}: cannot load TorchScript archive ({type(e).__name__}: {detail})") from None
+        return ScriptedEmbeddingModel(scripted, source=str(path)).eval()
+
+    data = read_model_file(path)
+    kind, arch_params = data["kind"], data["arch_params"]
+    try:
+        builder = MODEL_KINDS.get(kind)
+        model = builder(arch_params)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except TypeError as e:
+        raise UserError(f"{path}: arch_params {arch_params} do not fit kind {kind!r} ({e})") from None
+    what = f"kind {kind!r}" + (f" arch {arch_params['arch']!r}" if "arch" in arch_params else "")
+    _load_state_checked(model, strip_wrapper_prefixes(data["state_dict"]), path, what)
+    return model.to(map_location).eval()
+
+
+def model_num_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
