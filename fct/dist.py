@@ -99,3 +99,9 @@ def all_gather_variable(t: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in range(world_size())]
     dist.all_gather(out, padded)
     return torch.cat([o[:s] for o, s in zip(out, sizes_i)], dim=0)
+
+
+def progress_disabled(enabled: bool) -> bool | None:
+    """tqdm's ``disable`` argument: bars on rank 0 only, when enabled, and only on a terminal
+    (None lets tqdm hide them when output goes to a log file)."""
+    return None if enabled and is_main() else True

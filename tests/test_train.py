@@ -187,7 +187,7 @@ def _train_mlp(path):
     from fct.data import build_dataset
     from fct.runtime import make_runtime
     from fct.training.loaders import train_loader
-    from fct.training.loop import train_one_epoch
+    from fct.training.loop import image_step, train_one_epoch
 
     class MLP(nn.Module):  # no BatchNorm: per-process statistics would differ
         def __init__(self):
@@ -207,7 +207,8 @@ def _train_mlp(path):
     loss_fn = lambda out, y: (nn.functional.cross_entropy(out.logits, y), out.logits)  # noqa: E731
     for epoch in range(2):
         sampler.set_epoch(epoch)
-        train_one_epoch(ddp, loader, opt, lambda e: 0.05, epoch, loss_fn, rt)
+        ddp.train()
+        train_one_epoch(image_step(ddp, rt, loss_fn), loader, opt, lambda e: 0.05, epoch, rt)
     if dist.is_main():
         torch.save(model.state_dict(), path)
 

@@ -23,7 +23,7 @@ from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.training.checkpoint import Checkpointer, first_difference, unwrap
 from fct.training.loaders import eval_loader, train_loader
-from fct.training.loop import evaluate_classification, train_one_epoch
+from fct.training.loop import evaluate_classification, image_step, train_one_epoch
 from fct.training.runlog import RunLog
 
 # Keys whose change does not make an existing checkpoint a different run.
@@ -116,14 +116,15 @@ def train_backbone(cfg: BackboneConfig) -> dict:
                                    seed=cfg.seed, pin_memory=pin)
     val = eval_loader(val_set, global_batch=dp.batch_size, num_workers=dp.num_workers, pin_memory=pin)
     lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
-    loss_fn = classification_loss(cfg.label_smoothing)
+    step_fn = image_step(net, rt, classification_loss(cfg.label_smoothing))
     log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
     try:
         for epoch in range(start, cfg.epochs):
             sampler.set_epoch(epoch)
             # The model's own randomness (if any) is also a function of (seed, epoch) only.
             torch.manual_seed(cfg.seed * 100_003 + epoch)
-            train = train_one_epoch(net, loader, optimizer, lr_at, epoch, loss_fn, rt, scaler)
+            net.train()
+            train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
             metrics = evaluate_classification(unwrap(net), val, rt, num_classes=k)
             last = {"epoch": epoch, **train, **metrics, "time": time.time()}
             ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -16,8 +16,21 @@ from fct.errors import RunError
 from fct.optim import set_lr
 from fct.runtime import Runtime
 
-# loss_fn(model_output, labels) -> (scalar loss, logits or None for accuracy)
-LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
+# step_fn(batch) -> (scalar loss, logits or None, labels): one forward pass of whatever is trained
+StepFn = Callable[[Any], tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]
+
+
+def image_step(model: nn.Module, rt: Runtime,
+               loss_fn: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]) -> StepFn:
+    """StepFn for (images, labels) batches: ``loss_fn(model(images), labels) -> (loss, logits)``."""
+
+    def step(batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        images, labels = batch
+        labels = labels.to(rt.device, non_blocking=True)
+        loss, logits = loss_fn(model(rt.to_input(images)), labels)
+        return loss, logits, labels
+
+    return step
 
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
@@ -29,32 +42,32 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
+    step_fn: StepFn,
+    loader: Iterable,
     optimizer: torch.optim.Optimizer,
     lr_at: Callable[[float], float],
     epoch: int,
-    loss_fn: LossFn,
     rt: Runtime,
     scaler: Optional[torch.amp.GradScaler] = None,
     check_every: int = 10,
 ) -> dict[str, float]:
-    """One epoch of SGD; returns averages over all processes: loss, top-1 (%), lr, images/s."""
-    model.train()
-    steps = len(loader)
+    """One epoch of optimisation over ``loader``; the caller puts the model in train mode.
+
+    Returns averages over all processes: loss, top-1 (%, when the step gives logits), lr, samples/s.
+    """
+    steps = len(loader)  # type: ignore[arg-type]
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
     seen = 0
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=not (dist.is_main() and rt.params.progress))
+               disable=dist.progress_disabled(rt.params.progress))
     lr = lr_at(float(epoch))
-    for step, (images, labels) in enumerate(bar):
+    for step, batch in enumerate(bar):
         lr = lr_at(epoch + step / steps)
         set_lr(optimizer, lr)
-        images, labels = rt.to_input(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
-            loss, logits = loss_fn(model(images), labels)
+            loss, logits, labels = step_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -69,7 +82,7 @@ def train_one_epoch(
         seen += labels.shape[0]
         if (step + 1) % check_every == 0 or step + 1 == steps:
             _check_finite(loss_sum, epoch, step)
-            if bar.disable is False:
+            if not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.4g}")
     bar.close()
     if seen == 0:
@@ -96,7 +109,7 @@ def evaluate_classification(model: nn.Module, loader: DataLoader, rt: Runtime,
     model.eval()
     stats = torch.zeros(4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, n
     for images, labels in tqdm(loader, desc="validate", leave=False, dynamic_ncols=True,
-                               disable=not (dist.is_main() and rt.params.progress)):
+                               disable=dist.progress_disabled(rt.params.progress)):
         images, labels = rt.to_input(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = model(images).logits
