@@ -1,0 +1,131 @@
+"""Feature extraction for evaluation, in one process or under DDP.
+
+Under DDP each rank embeds its shard of a ``DistributedSampler`` (no shuffle, no drop); features
+travel with their dataset indices, so the sampler's padding duplicates are dropped by index
+and every rank ends up with the full (N, D) matrix in dataset order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from fct import dist
+from fct.errors import UserError
+
+
+class _WithIndex(Dataset):
+    """Items (image, label, index) of a dataset of (image, label); keeps batched fetching."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        image, label = self.dataset[i]
+        return image, label, i
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, int]]:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch(list(indices)) if fetch is not None else [self.dataset[i] for i in indices]
+        return [(image, label, i) for (image, label), i in zip(items, indices)]
+
+
+def _embedding(out: Any) -> torch.Tensor:
+    """(N, D) from a BackboneOutput-like result (``.embedding``) or a plain tensor
+    (TorchScript side-information models return (N, D, 1, 1))."""
+    emb = getattr(out, "embedding", out)
+    if not isinstance(emb, torch.Tensor):
+        raise UserError(
+            f"the model returned {type(out).__name__}; expected a tensor or an object with an "
+            "'embedding' tensor"
+        )
+    return emb.flatten(1)
+
+
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every item of ``dataset`` (items: (image, label)).
+
+    Returns features float32 (N, D) and labels int64 (N,), on the CPU, in dataset order, on
+    every rank. The model runs in eval mode under ``torch.inference_mode`` (its previous
+    mode is restored), with autocast to ``amp_dtype`` on CUDA when given.
+    """
+    device = torch.device(device)
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise UserError("cannot extract features from an empty dataset")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # its forward would sync buffers: pointless for inference
+    indexed = _WithIndex(dataset)
+    sampler = (
+        DistributedSampler(indexed, shuffle=False, drop_last=False) if dist.is_dist() else None
+    )
+    loader = DataLoader(
+        indexed,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
+    use_amp = amp_dtype is not None and device.type == "cuda"
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    )
+    feats, labels, indices = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            batches = tqdm(loader, desc="features", unit="batch",
+                           disable=dist.progress_disabled(progress))
+            for images, y, idx in batches:
+                images = images.to(device, non_blocking=True)
+                if channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                feats.append(_embedding(model(images)).float())
+                labels.append(torch.as_tensor(y, dtype=torch.int64))
+                indices.append(torch.as_tensor(idx, dtype=torch.int64))
+    finally:
+        model.train(was_training)
+
+    f = torch.cat(feats)
+    y = torch.cat(labels).to(f.device)
+    i = torch.cat(indices).to(f.device)
+    if dist.is_dist():
+        # Gather on the features' device (NCCL needs CUDA tensors), then dedupe by index.
+        f, y, i = (dist.all_gather_variable(t) for t in (f, y, i))
+    return _place_by_index(f.cpu(), y.cpu(), i.cpu(), n)
+
+
+def _place_by_index(
+    feats: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (M, D) tagged with dataset indices (M,), M >= n with repeats -> (n, D) in index
+    order. Of repeated indices (sampler padding) the first in gathered order is kept."""
+    order = torch.sort(idx, stable=True).indices
+    sorted_idx = idx[order]
+    first = torch.ones_like(sorted_idx, dtype=torch.bool)
+    first[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    keep = order[first]
+    if keep.numel() != n or not torch.equal(idx[keep], torch.arange(n)):
+        raise RuntimeError(f"feature gathering lost items: {keep.numel()} distinct indices for {n} items")
+    return feats[keep].contiguous(), labels[keep].contiguous()
