@@ -67,17 +67,15 @@ def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddi
     return Embeddings(feats.float().cpu(), labels.cpu(), model_path)
 
 
-def per_class_cmc(q: Embeddings, g: Embeddings, metric: str, exclude_self: bool, topk: tuple[int, ...],
-                  backend: str, chunk_size: Optional[int]) -> dict[str, dict[str, float]]:
-    """CMC top-k per query class, from the k nearest neighbours."""
-    from fct.retrieval.knn import KNN_BACKENDS
-
-    _, idx = KNN_BACKENDS.get(backend)(q.features, g.features, max(topk), metric, exclude_self, chunk_size)
-    hits = g.labels[idx] == q.labels[:, None]  # (Nq, k)
+def per_class_cmc(per_query: dict[str, torch.Tensor], labels: torch.Tensor,
+                  topk: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """CMC top-k per query class from the per-query rank of the nearest positive."""
+    rank = per_query["first_positive_rank"].cpu()
+    labels = labels.cpu()
     out: dict[str, dict[str, float]] = {}
-    for c in torch.unique(q.labels).tolist():
-        m = q.labels == c
-        out[str(c)] = {f"top{k}": 100.0 * hits[m, :k].any(1).float().mean().item() for k in topk}
+    for c in torch.unique(labels).tolist():
+        r = rank[labels == c]
+        out[str(c)] = {f"top{k}": 100.0 * ((r >= 1) & (r <= k)).float().mean().item() for k in topk}
     return out
 
 
@@ -157,8 +155,12 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
         },
     }
     if ep.per_class and dist.is_main():
-        result["per_class"] = per_class_cmc(q, g, ep.distance_metric, loo, tuple(ep.topk),
-                                            ep.knn_backend, ep.chunk_size)
+        from fct.retrieval.metrics import retrieval_per_query
+
+        per_q = retrieval_per_query(q.features.to(rt.device), q.labels.to(rt.device), g.features.to(rt.device),
+                                    g.labels.to(rt.device), metric=ep.distance_metric, exclude_self=loo,
+                                    compute_map=False, chunk_size=ep.chunk_size)
+        result["per_class"] = per_class_cmc(per_q, q.labels, tuple(ep.topk))
     if dist.is_main():
         if cfg.results_path:
             atomic_write_json(result, cfg.results_path)

@@ -90,6 +90,12 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        if isinstance(value, dict):
+            # A mapping can only be meant for the dataclass member: report its own error
+            # (e.g. an unknown key inside an optional section), not a generic type mismatch.
+            for arg in get_args(tp):
+                if dataclasses.is_dataclass(arg):
+                    return _convert(value, arg, where, source)
         errors = []
         for arg in get_args(tp):
             try:

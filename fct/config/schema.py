@@ -198,3 +198,24 @@ class EvalConfig:
                 raise ConfigError(f"missing {side}_model_path (or {side}_features_path)")
             if model is not None and self.dataset_params is None:
                 raise ConfigError(f"{side}_model_path needs dataset_params (the evaluation split)")
+
+
+@dataclass(frozen=True)
+class FeatureCacheParams:
+    """Extension: train h on features computed once per augmented view of the training set.
+
+    The old, new and side-information models are frozen, so their features for view v of the
+    data (augmentation seeded by (seed, v, index)) never change: they are computed once, stored
+    memory-mapped under ``dir`` and reused by every epoch and by later runs of the same models
+    and data. Epoch e uses view e mod ``views``; with ``views >= epochs`` a cached run sees
+    exactly the inputs of an on-the-fly run.
+    """
+
+    enabled: bool = True
+    views: int = 10
+    dir: str = "data_store/feature_cache"
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"feature_cache.views must be >= 1, got {self.views}")
+

@@ -18,6 +18,7 @@ from fct.models.model_file import (
     strip_wrapper_prefixes,
     unwrap_model,
 )
+import fct.transformations.transformed_model  # noqa: F401,E402  registers model kinds 'transformation', 'transformed_old'
 
 __all__ = [
     "BACKBONES",
