@@ -1,0 +1,226 @@
+"""``train_transformation.py``: learn h(old, side) -> new with the old, new and side models frozen."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from torch import nn
+
+import fct
+from fct import dist
+from fct.config.loader import to_dict
+from fct.config.transformation import TransformationConfig
+from fct.data import build_dataset
+from fct.errors import ConfigError, UserError
+from fct.io import atomic_write_text
+from fct.models import load_model_file
+from fct.optim import build_optimizer, build_schedule
+from fct.runtime import Runtime, make_runtime, seed_everything
+from fct.training.checkpoint import Checkpointer, unwrap
+from fct.training.feature_cache import CachedBatches, build_feature_cache, embed_batch, file_digest
+from fct.training.loaders import eval_loader, train_loader
+from fct.training.loop import StepFn, train_one_epoch
+from fct.training.backbone import _check_resume, _wrap_ddp
+from fct.training.runlog import RunLog
+from fct.transformations import (
+    build_transformation,
+    save_transformation,
+    save_transformed_old_model,
+    transformation_loss,
+)
+
+Features = dict[str, torch.Tensor]  # 'old', 'new' and optionally 'side': (B, D) each
+
+
+def load_frozen(path: str, rt: Runtime) -> nn.Module:
+    model = rt.prepare_model(load_model_file(path, map_location="cpu")).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _check_dims(cfg: TransformationConfig, dims: dict[str, int]) -> None:
+    ap = cfg.arch_params
+    expected = {"old": ap.old_embedding_dim, "new": ap.new_embedding_dim}
+    if "side" in dims:
+        expected["side"] = ap.side_info_dim if ap.side_info_dim is not None else dims["side"]
+    paths = {"old": cfg.old_model_path, "new": cfg.new_model_path, "side": cfg.side_info_model_path}
+    keys = {"old": "old_embedding_dim", "new": "new_embedding_dim", "side": "side_info_dim"}
+    for name, want in expected.items():
+        if dims[name] != want:
+            raise UserError(
+                f"{paths[name]} gives {dims[name]}-d embeddings but arch_params.{keys[name]}={want}"
+            )
+
+
+def feature_step(h: nn.Module, new_classifier: Optional[nn.Module], cfg: TransformationConfig) -> StepFn:
+    """StepFn for batches of (features, labels)."""
+
+    def step(batch: tuple[Features, torch.Tensor]):
+        feats, labels = batch
+        out = h(feats["old"], feats.get("side"))
+        loss, _logs = transformation_loss(out, feats["new"], labels, new_classifier, cfg.objective_params)
+        return loss, None, labels
+
+    return step
+
+
+class OnTheFly:
+    """Image batches turned into frozen-model features as they are loaded (no cache)."""
+
+    def __init__(self, loader: Any, sampler: Any, models: dict[str, nn.Module], rt: Runtime) -> None:
+        self.loader, self.sampler, self.models, self.rt = loader, sampler, models, rt
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield embed_batch(self.models, images, self.rt), labels.to(self.rt.device, non_blocking=True)
+
+
+def set_bn_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.inference_mode()
+def validate(h: nn.Module, batches: Any, new_classifier: Optional[nn.Module], cfg: TransformationConfig,
+             rt: Runtime) -> dict[str, float]:
+    """Mean objective and similarity on the validation split (h in eval mode)."""
+    h.eval()
+    total = torch.zeros(3, device=rt.device, dtype=torch.float64)
+    for feats, labels in batches:
+        with rt.autocast():
+            out = h(feats["old"], feats.get("side"))
+            loss, _ = transformation_loss(out, feats["new"], labels, new_classifier, cfg.objective_params)
+        cos = nn.functional.cosine_similarity(out.feature.float(), feats["new"].float(), dim=1).sum()
+        n = labels.shape[0]
+        total += torch.stack([loss.double() * n, cos.double(), torch.tensor(float(n), device=rt.device,
+                                                                             dtype=torch.float64)])
+    total = dist.all_reduce_sum(total)
+    n = max(total[2].item(), 1.0)
+    return {"val_loss": total[0].item() / n, "val_cosine": total[1].item() / n}
+
+
+class _ValBatches:
+    """Validation features, computed once (no augmentation) and kept in memory."""
+
+    def __init__(self, dataset: Any, models: dict[str, nn.Module], rt: Runtime, batch: int, workers: int) -> None:
+        loader = eval_loader(dataset, global_batch=batch, num_workers=workers, pin_memory=False)
+        self.batches = [(embed_batch(models, x, rt), y.to(rt.device)) for x, y in loader]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def train_transformation(cfg: TransformationConfig) -> dict:
+    """Train (or resume) h; write the transformation and the transformed old model."""
+    rt = make_runtime(cfg.runtime)
+    run_dir = cfg.run_dir
+    config_dict = to_dict(cfg)
+    models = {"old": load_frozen(cfg.old_model_path, rt), "new": load_frozen(cfg.new_model_path, rt)}
+    if cfg.side_info_model_path:
+        models["side"] = load_frozen(cfg.side_info_model_path, rt)
+    new_classifier = getattr(unwrap(models["new"]), "classifier", None)
+    if cfg.objective_params.discriminative_loss is not None and new_classifier is None:
+        raise ConfigError(
+            f"objective_params.discriminative_loss needs the new model's classifier, but {cfg.new_model_path} "
+            "has none (a feature-only model)"
+        )
+    dp = cfg.dataset_params
+    train_set = build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes)
+    val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
+
+    if dist.is_main():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(config_dict, sort_keys=False), Path(run_dir) / "config.yaml")
+    seed_everything(cfg.seed)
+    h = rt.prepare_model(build_transformation(**to_dict(cfg.arch_params)))
+    h.to(memory_format=torch.contiguous_format)
+    val = _ValBatches(val_set, models, rt, dp.batch_size, dp.num_workers)
+    _check_dims(cfg, {k: v.shape[1] for k, v in val.batches[0][0].items()})
+
+    optimizer = build_optimizer(h, cfg.optimizer_params)
+    scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
+    ckpt = Checkpointer(run_dir)
+    state = ckpt.load()
+    start, last = 0, {}
+    if state is not None:
+        _check_resume(state, config_dict, run_dir)
+        h.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["epoch"])
+        last = dict(state.get("extra", {}).get("last", {}))
+        if dist.is_main():
+            print(f"resuming {run_dir} after epoch {start}/{cfg.epochs}")
+
+    per_process = dp.batch_size // dist.world_size()
+    if cfg.feature_cache.enabled:
+        key = {
+            "models": {k: file_digest(p) for k, p in (("old", cfg.old_model_path), ("new", cfg.new_model_path),
+                                                       ("side", cfg.side_info_model_path)) if p},
+            "data": [dp.name, str(Path(dp.data_root).resolve()) if dp.data_root else "", dp.num_classes],
+            "code": fct.__version__,
+        }
+        cache = build_feature_cache(models, train_set, views=cfg.feature_cache.views, seed=cfg.seed,
+                                    cache_dir=cfg.feature_cache.dir, key=key, rt=rt,
+                                    batch_size=per_process, num_workers=dp.num_workers)
+        batches: Any = CachedBatches(cache, batch_size=per_process, seed=cfg.seed, device=rt.device)
+        if dist.is_main():
+            print(f"training on cached features ({cache.views} views) in {cache.root}")
+    else:
+        loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
+                                       seed=cfg.seed, pin_memory=rt.device.type == "cuda")
+        batches = OnTheFly(loader, sampler, models, rt)
+
+    net = _wrap_ddp(h, rt)
+    if cfg.runtime.compile:
+        net = torch.compile(net)
+    step_fn = feature_step(net, new_classifier, cfg)
+    lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
+    log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
+    try:
+        for epoch in range(start, cfg.epochs):
+            batches.set_epoch(epoch)
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            net.train()
+            if cfg.switch_mode_to_eval and epoch >= cfg.epochs // 2:
+                set_bn_eval(net)
+            train = train_one_epoch(step_fn, batches, optimizer, lr_at, epoch, rt, scaler)
+            train.pop("train_top1", None)
+            metrics = validate(unwrap(net), val, new_classifier, cfg, rt)
+            last = {"epoch": epoch, **train, **metrics, "time": time.time()}
+            ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
+                      extra={"last": last})
+            log.log_epoch(last)
+            if dist.is_main():
+                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  val loss "
+                      f"{metrics['val_loss']:.4f}  val cos {metrics['val_cosine']:.3f}  "
+                      f"{train['images_per_s']:.0f} samples/s", flush=True)
+    finally:
+        log.close()
+    if dist.is_main():
+        hh = unwrap(net).eval()
+        arch = to_dict(cfg.arch_params)
+        meta = {"epochs": cfg.epochs, "seed": cfg.seed, "code_version": fct.__version__,
+                "old_model_path": cfg.old_model_path, "new_model_path": cfg.new_model_path,
+                "side_info_model_path": cfg.side_info_model_path,
+                "final_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+        save_transformation(cfg.output_transformation_path, hh.cpu(), arch, meta)
+        save_transformed_old_model(cfg.output_transformed_old_model_path, cfg.old_model_path,
+                                   cfg.side_info_model_path, hh.cpu(), arch)
+        print(f"transformation written to {cfg.output_transformation_path}; transformed old model to "
+              f"{cfg.output_transformed_old_model_path}")
+    dist.barrier()
+    return last

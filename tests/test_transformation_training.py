@@ -1,0 +1,136 @@
+"""train_transformation end to end: script + eval, cached == on-the-fly, cache reuse, errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fct.config import load_config
+from fct.config.transformation import TransformationConfig
+from fct.errors import UserError
+from fct.models import build_backbone, load_model_file, read_model_file, save_model_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    d = tmp_path_factory.mktemp("backbones")
+    for name, dim, seed in (("old", 16, 0), ("new", 24, 1), ("side", 8, 2)):
+        torch.manual_seed(seed)
+        arch = {"arch": "CifarResNet20", "num_classes": 10, "embedding_dim": dim, "last_nonlin": True}
+        save_model_file(d / f"{name}.pt", build_backbone(**arch), kind="backbone", arch_params=arch)
+    return d
+
+
+def config(tmp_path, backbones, *, arch="MLP_BN_SIDE_PROJECTION", side=False, cache=True, epochs=2, extra="",
+           cache_dir=None):
+    cache_dir = cache_dir or tmp_path / "cache"
+    fastfill = arch.endswith("SIGMA")
+    text = textwrap.dedent(f"""\
+        old_model_path: {backbones}/old.pt
+        new_model_path: {backbones}/new.pt
+        {f'side_info_model_path: {backbones}/side.pt' if side else ''}
+        arch_params: {{arch: {arch}, old_embedding_dim: 16, new_embedding_dim: 24,
+                      {'side_info_dim: 8,' if side else ''} inner_dim: 32}}
+        optimizer_params: {{algorithm: adam, lr: 0.001}}
+        dataset_params: {{name: digits, num_workers: 0, batch_size: 64}}
+        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 0}}
+        epochs: {epochs}
+        seed: 7
+        feature_cache: {{enabled: {str(cache).lower()}, views: 2, dir: {cache_dir}}}
+        output_transformation_path: {tmp_path}/h.pt
+        output_transformed_old_model_path: {tmp_path}/old_transformed.pt
+        output_dir: {tmp_path}/run
+        runtime: {{progress: false, tensorboard: false}}
+        """)
+    if fastfill:
+        text += ("objective_params: {discriminative_loss: {name: LabelSmoothing, mu_disc: 1.0}, "
+                 "uncertainty_loss: {mu_uncertainty: 0.5}}\n")
+    p = tmp_path / "t.yaml"
+    p.write_text(text + extra)
+    return p
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_script_then_eval_with_transformed_gallery(tmp_path, backbones):
+    cfg = config(tmp_path, backbones, arch="MLP_BN_SIDE_PROJECTION_SIGMA", side=True)
+    r = run_script("train_transformation.py", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert read_model_file(tmp_path / "h.pt")["kind"] == "transformation"
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1] and "val_loss" in lines[0]
+    # the transformed old model = h(old(x), side(x)), usable as a gallery model
+    t = load_model_file(tmp_path / "old_transformed.pt")
+    x = torch.randn(3, 3, 8, 8)
+    old, side = load_model_file(backbones / "old.pt"), load_model_file(backbones / "side.pt")
+    h = load_model_file(tmp_path / "h.pt")
+    with torch.no_grad():
+        by_hand = h(old(x).embedding, side(x).embedding)
+        feat, logvar = t.embed_with_uncertainty(x)
+    torch.testing.assert_close(t(x).embedding, by_hand.feature)
+    torch.testing.assert_close(logvar, by_hand.log_variance)
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(textwrap.dedent(f"""\
+        query_model_path: {backbones}/new.pt
+        gallery_model_path: {tmp_path}/old_transformed.pt
+        dataset_params: {{name: digits, num_workers: 0, batch_size: 128}}
+        results_path: {tmp_path}/res.json
+        """))
+    r = run_script("eval.py", "--config", str(ev))
+    assert r.returncode == 0, r.stderr
+    assert 0 <= json.loads((tmp_path / "res.json").read_text())["top1"] <= 100
+
+
+def _train(cfg_path):
+    from fct.training.transformation import train_transformation
+
+    return train_transformation(load_config(TransformationConfig, cfg_path))
+
+
+def test_cached_and_on_the_fly_agree(tmp_path, backbones):
+    """With views >= epochs a cached run sees exactly the on-the-fly inputs, in the same order."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _train(config(tmp_path / "a", backbones, cache=True, epochs=2))
+    _train(config(tmp_path / "b", backbones, cache=False, epochs=2))
+    a = read_model_file(tmp_path / "a" / "h.pt")["state_dict"]
+    b = read_model_file(tmp_path / "b" / "h.pt")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_is_reused(tmp_path, backbones, monkeypatch):
+    import fct.training.feature_cache as fc
+
+    _train(config(tmp_path, backbones, epochs=1))
+    (root,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in root.glob("view_*.done")) == ["view_0.done", "view_1.done"]
+    calls = {"n": 0}
+    original = fc.embed_batch
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(fc, "embed_batch", counting)
+    (tmp_path / "again").mkdir()
+    _train(config(tmp_path / "again", backbones, epochs=1, cache_dir=tmp_path / "cache"))
+    # only the dimension probe ran: the views came from disk
+    assert calls["n"] == 1
+
+
+def test_dimension_mismatch_is_a_user_error(tmp_path, backbones):
+    cfg = config(tmp_path, backbones)
+    r = run_script("train_transformation.py", "--config", str(cfg), "--set", "arch_params.new_embedding_dim=32")
+    assert r.returncode == 2 and "new_embedding_dim=32" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    cfg.write_text(cfg.read_text().replace(f"{backbones}/old.pt", f"{tmp_path}/missing.pt"))
+    with pytest.raises(UserError, match="missing.pt"):
+        _train(cfg)
