@@ -1,7 +1,8 @@
 """``make quickstart``: the whole pipeline on the embedded ``digits`` data set, end to end.
 
-Trains an old model (classes 0-4) and a new model (classes 0-9), evaluates old/old, new/new and
-new/old, prints the table and writes ``runs/quickstart/summary.json``. Rerunning resumes or reuses
+Trains an old model (classes 0-4) and a new model (classes 0-9), an FCT transformation and a
+FastFill transformation from old to new (no side-information), evaluates old/old, new/new, new/old
+and new/h(old) for both, prints the table and writes ``runs/quickstart/summary.json``. Rerunning resumes or reuses
 finished work (each step is resumable through its run folder).
 """
 
@@ -17,7 +18,8 @@ from fct.cli import run_main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
 OUT = Path("runs/quickstart")
-CASES = [("old/old", "old_old"), ("new/new", "new_new"), ("new/old", "new_old")]
+CASES = [("old/old", "old_old"), ("new/new", "new_new"), ("new/old", "new_old"),
+         ("new/h(old) FCT", "new_h_fct"), ("new/h(old) FastFill", "new_h_fastfill")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from fct.config import BackboneConfig, EvalConfig, load_config
+    from fct.config.transformation import TransformationConfig
+    from fct.training.transformation import train_transformation
     from fct.evaluate import evaluate
     from fct.io import atomic_write_json
     from fct.report import format_table
@@ -37,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"== training the {version} backbone", flush=True)
         cfg = load_config(BackboneConfig, CONFIGS / f"digits_backbone_{version}.yaml", args.overrides)
         train_backbone(cfg)
+    for kind in ("fct", "fastfill"):
+        print(f"== training the {kind} transformation", flush=True)
+        train_transformation(load_config(TransformationConfig, CONFIGS / f"digits_transformation_{kind}.yaml"))
     cache: dict = {}
     summary: dict = {"cases": {}}
     for case, name in CASES:
