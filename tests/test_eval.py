@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from fct.config import EvalConfig, load_config
-from fct.errors import UserError
 from fct.evaluate import evaluate
 from fct.models import build_backbone, save_model_file
 from fct.retrieval.reference import naive_retrieval_metrics

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Optional
-
 import torch
-import yaml
 from torch import nn
 
 import fct
@@ -17,18 +13,13 @@ from fct.config.loader import to_dict
 from fct.config.schema import BackboneConfig
 from fct.data import build_dataset, dataset_info
 from fct.errors import UserError
-from fct.io import atomic_write_text
-from fct.models import build_backbone, save_model_file
+from fct.models import build_backbone, save_model_file, unwrap_model
 from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
-from fct.training.checkpoint import Checkpointer, first_difference, unwrap
+from fct.training.checkpoint import Checkpointer, write_resolved_config
 from fct.training.loaders import eval_loader, train_loader
 from fct.training.loop import evaluate_classification, image_step, train_one_epoch
 from fct.training.runlog import RunLog
-
-# Keys whose change does not make an existing checkpoint a different run.
-_RESUMABLE_CHANGES = ("runtime", "output_dir", "dataset_params.num_workers")
-
 
 def classification_loss(label_smoothing: float):
     def loss_fn(out, labels: torch.Tensor):
@@ -38,31 +29,13 @@ def classification_loss(label_smoothing: float):
     return loss_fn
 
 
-def _wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
+def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
     if not dist.is_dist():
         return model
     if rt.device.type == "cuda" and rt.params.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def _check_resume(state: dict, config: dict, run_dir: str) -> None:
-    old = {k: v for k, v in state["config"].items()}
-    new = dict(config)
-    for key in _RESUMABLE_CHANGES:
-        head, _, tail = key.partition(".")
-        for d in (old, new):
-            if tail and isinstance(d.get(head), dict):
-                d[head] = {k: v for k, v in d[head].items() if k != tail}
-            elif not tail:
-                d.pop(head, None)
-    diff = first_difference(old, new)
-    if diff:
-        raise UserError(
-            f"{run_dir}/checkpoint.pt was written by a different config ({diff} changed); "
-            "set output_dir to a new folder, or delete the old run to start over"
-        )
 
 
 def train_backbone(cfg: BackboneConfig) -> dict:
@@ -82,9 +55,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     val_set = build_dataset(cfg.dataset_params.name, cfg.dataset_params.data_root, "val",
                             augment=False, num_classes=cfg.dataset_params.num_classes)
 
-    if dist.is_main():
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(yaml.safe_dump(config_dict, sort_keys=False), Path(run_dir) / "config.yaml")
+    write_resolved_config(run_dir, config_dict)
 
     seed_everything(cfg.seed)
     model = build_backbone(**to_dict(cfg.arch_params))
@@ -93,21 +64,9 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
 
     ckpt = Checkpointer(run_dir)
-    state = ckpt.load()
-    start = 0
-    last: dict = {}
-    if state is not None:
-        _check_resume(state, config_dict, run_dir)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["epoch"])
-        last = dict(state.get("extra", {}).get("last", {}))
-        if dist.is_main():
-            print(f"resuming {run_dir} after epoch {start}/{cfg.epochs}")
+    start, last = ckpt.resume(model, optimizer, scaler, config_dict, cfg.epochs)
 
-    net = _wrap_ddp(model, rt)
+    net = wrap_ddp(model, rt)
     if cfg.runtime.compile:
         net = torch.compile(net)
     pin = rt.device.type == "cuda"
@@ -125,7 +84,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             net.train()
             train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
-            metrics = evaluate_classification(unwrap(net), val, rt, num_classes=k)
+            metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
             last = {"epoch": epoch, **train, **metrics, "time": time.time()}
             ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
                       extra={"last": last})
@@ -148,7 +107,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             "code_version": fct.__version__,
             "final_metrics": {kk: v for kk, v in last.items() if isinstance(v, (int, float))},
         }
-        save_model_file(cfg.output_model_path, unwrap(net), kind="backbone",
+        save_model_file(cfg.output_model_path, unwrap_model(net), kind="backbone",
                         arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
         print(f"model written to {cfg.output_model_path}")
     dist.barrier()

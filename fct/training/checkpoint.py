@@ -7,24 +7,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 import fct
 from fct import dist
 from fct.errors import UserError
-from fct.io import atomic_torch_save
+from fct.io import atomic_torch_save, atomic_write_text
+from fct.models import unwrap_model
 
 FORMAT = "fct-checkpoint"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module  # DDP
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod  # torch.compile
-        else:
-            return model
+# Config keys whose change does not make an existing checkpoint a different run.
+RESUMABLE_CHANGES = ("runtime", "output_dir", "dataset_params.num_workers")
 
 
 class Checkpointer:
@@ -40,7 +33,7 @@ class Checkpointer:
             state = {
                 "format": FORMAT,
                 "epoch": epoch,
-                "model": unwrap(model).state_dict(),
+                "model": unwrap_model(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "config": config,
@@ -49,6 +42,29 @@ class Checkpointer:
             }
             atomic_torch_save(state, self.path)
         dist.barrier()
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: Optional[torch.amp.GradScaler], config: dict, epochs: int) -> tuple[int, dict]:
+        """Restore the run's state if a checkpoint exists; return (epochs done, last metrics).
+
+        A checkpoint written by a different config (other than RESUMABLE_CHANGES) is refused."""
+        state = self.load()
+        if state is None:
+            return 0, {}
+        diff = _config_difference(state["config"], config)
+        if diff:
+            raise UserError(
+                f"{self.path} was written by a different config ({diff} changed); "
+                "set output_dir to a new folder, or delete the old run to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["epoch"])
+        if dist.is_main():
+            print(f"resuming {self.path.parent} after epoch {start}/{epochs}")
+        return start, dict(state.get("extra", {}).get("last", {}))
 
     def load(self) -> Optional[dict[str, Any]]:
         """The checkpoint's contents, or None when there is none."""
@@ -63,6 +79,25 @@ class Checkpointer:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise UserError(f"{self.path}: not an fct checkpoint; delete it or choose another output_dir")
         return state
+
+
+def _config_difference(old: dict, new: dict) -> Optional[str]:
+    old, new = dict(old), dict(new)
+    for key in RESUMABLE_CHANGES:
+        head, _, tail = key.partition(".")
+        for d in (old, new):
+            if tail and isinstance(d.get(head), dict):
+                d[head] = {k: v for k, v in d[head].items() if k != tail}
+            elif not tail:
+                d.pop(head, None)
+    return first_difference(old, new)
+
+
+def write_resolved_config(run_dir: str | os.PathLike, config: dict) -> None:
+    """``run_dir/config.yaml``: the config as resolved (defaults and overrides applied)."""
+    if dist.is_main():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(config, sort_keys=False), Path(run_dir) / "config.yaml")
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from torch import nn
 
 import fct
@@ -16,15 +15,14 @@ from fct.config.loader import to_dict
 from fct.config.transformation import TransformationConfig
 from fct.data import build_dataset
 from fct.errors import ConfigError, UserError
-from fct.io import atomic_write_text
-from fct.models import load_model_file
+from fct.models import load_model_file, unwrap_model
 from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
-from fct.training.checkpoint import Checkpointer, unwrap
+from fct.training.checkpoint import Checkpointer, write_resolved_config
 from fct.training.feature_cache import CachedBatches, build_feature_cache, embed_batch, file_digest
 from fct.training.loaders import eval_loader, train_loader
 from fct.training.loop import StepFn, train_one_epoch
-from fct.training.backbone import _check_resume, _wrap_ddp
+from fct.training.backbone import wrap_ddp
 from fct.training.runlog import RunLog
 from fct.transformations import (
     build_transformation,
@@ -130,7 +128,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     models = {"old": load_frozen(cfg.old_model_path, rt), "new": load_frozen(cfg.new_model_path, rt)}
     if cfg.side_info_model_path:
         models["side"] = load_frozen(cfg.side_info_model_path, rt)
-    new_classifier = getattr(unwrap(models["new"]), "classifier", None)
+    new_classifier = getattr(unwrap_model(models["new"]), "classifier", None)
     if cfg.objective_params.discriminative_loss is not None and new_classifier is None:
         raise ConfigError(
             f"objective_params.discriminative_loss needs the new model's classifier, but {cfg.new_model_path} "
@@ -140,9 +138,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     train_set = build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes)
     val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
-    if dist.is_main():
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(yaml.safe_dump(config_dict, sort_keys=False), Path(run_dir) / "config.yaml")
+    write_resolved_config(run_dir, config_dict)
     seed_everything(cfg.seed)
     h = rt.prepare_model(build_transformation(**to_dict(cfg.arch_params)))
     h.to(memory_format=torch.contiguous_format)
@@ -152,18 +148,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     optimizer = build_optimizer(h, cfg.optimizer_params)
     scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
     ckpt = Checkpointer(run_dir)
-    state = ckpt.load()
-    start, last = 0, {}
-    if state is not None:
-        _check_resume(state, config_dict, run_dir)
-        h.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["epoch"])
-        last = dict(state.get("extra", {}).get("last", {}))
-        if dist.is_main():
-            print(f"resuming {run_dir} after epoch {start}/{cfg.epochs}")
+    start, last = ckpt.resume(h, optimizer, scaler, config_dict, cfg.epochs)
 
     per_process = dp.batch_size // dist.world_size()
     if cfg.feature_cache.enabled:
@@ -184,7 +169,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
                                        seed=cfg.seed, pin_memory=rt.device.type == "cuda")
         batches = OnTheFly(loader, sampler, models, rt)
 
-    net = _wrap_ddp(h, rt)
+    net = wrap_ddp(h, rt)
     if cfg.runtime.compile:
         net = torch.compile(net)
     step_fn = feature_step(net, new_classifier, cfg)
@@ -199,7 +184,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
                 set_bn_eval(net)
             train = train_one_epoch(step_fn, batches, optimizer, lr_at, epoch, rt, scaler)
             train.pop("train_top1", None)
-            metrics = validate(unwrap(net), val, new_classifier, cfg, rt)
+            metrics = validate(unwrap_model(net), val, new_classifier, cfg, rt)
             last = {"epoch": epoch, **train, **metrics, "time": time.time()}
             ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
                       extra={"last": last})
@@ -211,7 +196,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     finally:
         log.close()
     if dist.is_main():
-        hh = unwrap(net).eval()
+        hh = unwrap_model(net).eval()
         arch = to_dict(cfg.arch_params)
         meta = {"epochs": cfg.epochs, "seed": cfg.seed, "code_version": fct.__version__,
                 "old_model_path": cfg.old_model_path, "new_model_path": cfg.new_model_path,
