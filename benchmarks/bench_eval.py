@@ -104,8 +104,65 @@ def knn_backends(n: int, repeats: int) -> dict[str, Any]:
     return rows
 
 
+def report_a(a: list[dict[str, Any]], n: int) -> list[str]:
+    times = [r["seconds"] for r in a]
+    m = a[0]["metrics"]
+    return [
+        f"(a) {n:,} x 128-d, 100 classes, leave-one-out, l2, top-1/top-5/full mAP, torch backend, "
+        f"a fresh process per run ({len(a)} runs):",
+        "",
+        "| N | wall s (min / median) | runs s | CPU s (median) | peak RSS MiB | RSS before eval MiB "
+        "| top-1 | top-5 | mAP |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {n:,} | {min(times):.1f} / {statistics.median(times):.1f} | "
+        f"{', '.join(f'{t:.1f}' for t in times)} | "
+        f"{statistics.median(r['cpu_seconds'] for r in a):.1f} | {max(r['peak_rss_mib'] for r in a):.0f} | "
+        f"{a[0]['rss_before_eval_mib']:.0f} | {m['top1']:.2f} | {m['top5']:.2f} | {m['mAP']:.2f} |",
+        "",
+    ]
+
+
+def report_b(b: dict[str, Any]) -> list[str]:
+    return [
+        f"(b) fast vs naive at {b['n']:,}, same data, same run (median of {len(b['fast_runs'])} fast "
+        f"runs, {len(b['naive_runs'])} naive):",
+        "",
+        "| path | seconds | runs s | top-1 | top-5 | mAP |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(f"| {name} | {b[name + '_s']:.2f} | {', '.join(f'{t:.2f}' for t in b[name + '_runs'])} | "
+          f"{b[name]['top1']:.4f} | {b[name]['top5']:.4f} | {b[name]['mAP']:.6f} |"
+          for name in ("fast", "naive")),
+        "",
+        f"Speed-up {b['naive_s'] / b['fast_s']:.1f}x; largest metric difference {b['max_abs_diff']:.2e} "
+        "(percentage points).",
+        "",
+    ]
+
+
+def report_c(c: list[dict[str, Any]]) -> list[str]:
+    names = ("torch", "faiss", "torch_cmc_only")
+    lines = [
+        "(c) top-5 neighbour lists, leave-one-out, l2 (median of runs); the CMC-only pass is "
+        "`retrieval_metrics(..., compute_map=False)`:",
+        "",
+        "| N | torch knn s | faiss knn s | torch CMC-only pass s | top-1 torch / faiss / CMC pass "
+        "| top-5 torch / faiss / CMC pass |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in c:
+        def cells(key: str, r: dict[str, Any] = r) -> list[str]:
+            return [f"{r[k][key]:.2f}" if key in r.get(k, {}) else "n/a" for k in names]
+
+        lines.append(
+            f"| {r['n']:,} | {' | '.join(cells('seconds'))} | {' / '.join(cells('top1'))} | "
+            f"{' / '.join(cells('top5'))} |"
+        )
+    return lines + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="abc", help="which parts to run, e.g. 'a' or 'bc'")
     ap.add_argument("--n", type=int, default=50_000, help="size of part (a)")
     ap.add_argument("--n-small", type=int, default=10_000, help="size of part (b)")
     ap.add_argument("--knn-sizes", type=int, nargs="*", default=[10_000, 50_000], help="sizes of part (c)")
@@ -122,61 +179,20 @@ def main() -> None:
            f"{platform.processor() or platform.machine()}, load average at start "
            f"{os.getloadavg()[0]:.2f}")
     results: dict[str, Any] = {"env": env}
-    results["a"] = [run_child(args.n) for _ in range(args.repeats)]
-    results["b"] = fast_vs_naive(args.n_small, args.repeats, args.naive_repeats)
-    results["c"] = [knn_backends(n, args.repeats) for n in args.knn_sizes]
+    lines = ["Command: `" + " ".join(["python", "benchmarks/bench_eval.py", *sys.argv[1:]]) + "`", ""]
+    body: list[str] = []
+    if "a" in args.parts:
+        results["a"] = [run_child(args.n) for _ in range(args.repeats)]
+        body += report_a(results["a"], args.n)
+    if "b" in args.parts:
+        results["b"] = fast_vs_naive(args.n_small, args.repeats, args.naive_repeats)
+        body += report_b(results["b"])
+    if "c" in args.parts:
+        results["c"] = [knn_backends(n, args.repeats) for n in args.knn_sizes]
+        body += report_c(results["c"])
     results["load_average_at_end"] = os.getloadavg()[0]
-
-    a = results["a"]
-    a_t = statistics.median(r["seconds"] for r in a)
-    m = a[0]["metrics"]
-    runs = ", ".join(f"{r['seconds']:.1f}" for r in a)
-    lines = [
-        "Command: `" + " ".join(["python", "benchmarks/bench_eval.py", *sys.argv[1:]]) + "`",
-        "",
-        f"Environment: {env}; load average at end {results['load_average_at_end']:.2f}.",
-        "",
-        f"(a) {args.n:,} x 128-d, 100 classes, leave-one-out, l2, top-1/top-5/full mAP, torch backend, "
-        f"fresh process each run ({len(a)} runs):",
-        "",
-        "| N | wall s (median) | runs s | CPU s | peak RSS MiB | RSS before eval MiB | top-1 | top-5 | mAP |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {args.n:,} | {a_t:.1f} | {runs} | "
-        f"{statistics.median(r['cpu_seconds'] for r in a):.1f} | {max(r['peak_rss_mib'] for r in a):.0f} | "
-        f"{a[0]['rss_before_eval_mib']:.0f} | {m['top1']:.2f} | {m['top5']:.2f} | {m['mAP']:.2f} |",
-        "",
-    ]
-    b = results["b"]
-    lines += [
-        f"(b) fast vs naive at {b['n']:,} (median of {len(b['fast_runs'])} fast runs, "
-        f"{len(b['naive_runs'])} naive):",
-        "",
-        "| path | seconds | top-1 | top-5 | mAP |",
-        "| --- | --- | --- | --- | --- |",
-        *(f"| {name} | {b[name + '_s']:.2f} | {b[name]['top1']:.4f} | {b[name]['top5']:.4f} | "
-          f"{b[name]['mAP']:.6f} |" for name in ("fast", "naive")),
-        "",
-        f"Speed-up {b['naive_s'] / b['fast_s']:.1f}x; largest metric difference {b['max_abs_diff']:.2e} "
-        "(percentage points).",
-        "",
-        "(c) top-5 neighbour lists, leave-one-out, l2 (median of runs):",
-        "",
-        "| N | torch knn s | faiss knn s | torch CMC-only pass s | top-1 torch / faiss / CMC pass "
-        "| top-5 torch / faiss / CMC pass |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results["c"]:
-        names = ("torch", "faiss", "torch_cmc_only")
-
-        def cells(key: str, r: dict[str, Any] = r) -> list[str]:
-            return [f"{r[k][key]:.2f}" if key in r.get(k, {}) else "n/a" for k in names]
-
-        lines.append(
-            f"| {r['n']:,} | {' | '.join(cells('seconds'))} | {' / '.join(cells('top1'))} | "
-            f"{' / '.join(cells('top5'))} |"
-        )
-    text = "\n".join(lines)
-    print(text)
+    lines += [f"Environment: {env}; at end {results['load_average_at_end']:.2f}.", "", *body]
+    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

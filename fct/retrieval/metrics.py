@@ -55,8 +55,9 @@ _FORCE_NUM_BUCKETS: int | None = None
 # Items that share a bucket with a positive are binary-searched in slices of this many.
 _AMBIGUOUS_SLICE = 1 << 22
 # Bytes of per-chunk buffers per (query, gallery item) pair in the mAP pass: the key block
-# (float32), the bucket value (float32), bucket index and count (int64) and a bool mask.
-_BYTES_PER_PAIR = 4 + 4 + 8 + 8 + 1
+# (float32), the bucket value (float32), bucket index and count (int64), a bool mask, and the
+# bucket table (int64, at most _MAX_BUCKET_FRACTION of a row).
+_BYTES_PER_PAIR = 4 + 4 + 8 + 8 + 1 + 4
 
 
 def _as_labels(x: Any, n: int, name: str, device: torch.device) -> torch.Tensor:
