@@ -217,8 +217,8 @@ def _write_npz(root: Path, n: int = 24, size: int = 32, seed: int = 0) -> Path:
         for i in range(count):
             c = rng.uniform(0, 1, (3, 3))
             f = rng.uniform(1, 4, 3)
-            imgs[i] = (255 * (0.5 + 0.5 * np.sin(f[None, None] * (xx[..., None] * c[0] + yy[..., None] * c[1]) * 6
-                                                  + c[2]))).astype(np.uint8)
+            phase = (xx[..., None] * c[0] + yy[..., None] * c[1]) * 6 * f[None, None] + c[2]
+            imgs[i] = (255 * (0.5 + 0.5 * np.sin(phase))).astype(np.uint8)
         np.savez(root / f"{split}.npz", images=imgs, labels=(np.arange(count) % 4).astype(np.int64))
     return root
 
@@ -316,7 +316,8 @@ def _sequential_jitter(x: np.ndarray, f: np.ndarray, order: list[int], p: ViewAu
 
 def test_colour_affine_equals_the_ops_in_any_order() -> None:
     rng = np.random.default_rng(0)
-    p = ViewAugParams(jitter_prob=1.0, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_prob=0.0)
+    p = ViewAugParams(jitter_prob=1.0, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+                      grayscale_prob=0.0)
     for _ in range(5):
         x = rng.uniform(0, 1, (50, 3))
         u = rng.uniform(0, 1, (1, _NUM_DRAWS))
@@ -352,10 +353,21 @@ def test_digits_views_are_mild_and_stay_grey() -> None:
 # --------------------------------------------------------------------------- end to end
 def test_a_few_simclr_steps_lower_the_loss(tmp_path: Path) -> None:
     """CifarResNet20 + head, 24 Adam steps on 64 synthetic 16x16 images: the loss on the first
-    epoch's (seeded, so fixed) views drops well below its starting value."""
+    epoch's (seeded, so fixed) views drops well below its starting value. One intra-op thread:
+    many small ops on a shared 2-core machine are slower with threads that wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_a_few_steps(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_a_few_steps(tmp_path: Path) -> None:
     torch.manual_seed(0)
     ds = build_two_view_dataset("npz", str(_write_npz(tmp_path / "d", n=64, size=16)), "train")
-    model = SimCLRModel(build_backbone("CifarResNet20", num_classes=4, embedding_dim=32), ProjectionHead(32, 64, 32))
+    backbone = build_backbone("CifarResNet20", num_classes=4, embedding_dim=32)
+    model = SimCLRModel(backbone, ProjectionHead(32, 64, 32))
     loss_fn = simclr_loss_fn(0.2)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.002)
     sampler = EpochTaggedSampler(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0))
@@ -379,7 +391,8 @@ def test_a_few_simclr_steps_lower_the_loss(tmp_path: Path) -> None:
     assert after < before - 0.3, (before, after)
 
 
-def _write_png_folders(root: Path, split_dirs: tuple[str, str], classes: list[str], size: tuple[int, int]) -> Path:
+def _write_png_folders(root: Path, split_dirs: tuple[str, str], classes: list[str],
+                       size: tuple[int, int]) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(1)

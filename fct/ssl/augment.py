@@ -253,7 +253,8 @@ class PILViewTransform:
         if p.blur_prob > 0:
             kernel = 2 * (size // 20) + 1  # about a tenth of the image side, odd (23 for 224)
             steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p.blur_prob))
-        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                  v2.Normalize(list(mean), list(std))]
         self.params = params
         self.transform = v2.Compose(steps)
 
@@ -323,7 +324,9 @@ class TwoViewDataset(Dataset):
         return f"TwoViewDataset({len(self)} images, {self.view_transform})"
 
 
-def two_view_collate(batch: list[tuple[tuple[torch.Tensor, torch.Tensor], Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def two_view_collate(
+    batch: list[tuple[tuple[torch.Tensor, torch.Tensor], Any]],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DataLoader collate_fn: N items ((v1, v2), label) -> (images (2N, 3, H, W), labels (N,)).
 
     Rows 0..N-1 are the first views, rows N..2N-1 the second, in the same order, so a model sees

@@ -120,7 +120,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather:
     Computed in float32 outside autocast (exp of similarities / 0.1 overflows fp16).
     """
     if z1.dim() != 2 or z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same (N, D) shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"z1 and z2 must have the same (N, D) shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = z1.shape[0]
