@@ -14,9 +14,10 @@ from fct import dist
 from fct.config.loader import to_dict
 from fct.config.schema import DatasetParams, EvalConfig
 from fct.errors import UserError
-from fct.io import atomic_write_json
+from fct.io import atomic_save_npy, atomic_write_json
 from fct.report import format_table
 from fct.runtime import Runtime, make_runtime
+from fct.transformations.heads import uncertainty_score
 
 
 @dataclass
@@ -24,10 +25,13 @@ class Embeddings:
     features: torch.Tensor  # (N, D) float32, CPU
     labels: torch.Tensor  # (N,) int64
     source: str  # the file it came from
+    # (N,) larger = more uncertain (FastFill), or None when the source predicts none
+    uncertainty: Optional[torch.Tensor] = None
 
 
 def load_feature_file(path: str) -> Embeddings:
-    """An ``.npz`` with ``features`` float (N, D) and ``labels`` int (N,)."""
+    """An ``.npz`` with ``features`` float (N, D) and ``labels`` int (N,); optionally
+    ``log_variance`` float (N,) or (N, S), a FastFill gallery's predicted uncertainty."""
     if not os.path.isfile(path):
         raise UserError(f"features file not found: {path}")
     try:
@@ -36,6 +40,7 @@ def load_feature_file(path: str) -> Embeddings:
             if missing:
                 raise UserError(f"{path}: missing array(s) {', '.join(missing)}; found {', '.join(z.files) or 'none'}")
             feats, labels = z["features"], z["labels"]
+            log_var = z["log_variance"] if "log_variance" in z.files else None
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - zip/format errors of any kind
@@ -46,24 +51,36 @@ def load_feature_file(path: str) -> Embeddings:
         raise UserError(
             f"{path}: 'labels' must be an int array (N,) with N={len(feats)}, got {labels.dtype} {labels.shape}"
         )
+    uncertainty = None
+    if log_var is not None:
+        if log_var.ndim not in (1, 2) or len(log_var) != len(feats) or not np.issubdtype(log_var.dtype, np.floating):
+            raise UserError(
+                f"{path}: 'log_variance' must be a float array (N,) or (N, S) with N={len(feats)}, "
+                f"got {log_var.dtype} {log_var.shape}"
+            )
+        uncertainty = uncertainty_score(torch.from_numpy(log_var.astype(np.float32).reshape(len(feats), -1)))
     return Embeddings(torch.from_numpy(feats.astype(np.float32, copy=False)),
-                      torch.from_numpy(labels.astype(np.int64, copy=False)), path)
+                      torch.from_numpy(labels.astype(np.int64, copy=False)), path, uncertainty)
 
 
 def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddings:
     """Embeddings of the evaluation split (all classes) under the model in ``model_path``."""
     from fct.data import build_dataset
     from fct.models import load_model_file
-    from fct.retrieval import extract_features
+    from fct.retrieval.features import extract_features, extract_features_and_uncertainty
 
     model = load_model_file(model_path, map_location="cpu")
     model = rt.prepare_model(model).eval()
     dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None)
-    feats, labels = extract_features(
-        model, dataset, batch_size=max(1, dp.batch_size // dist.world_size()), num_workers=dp.num_workers,
-        device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last,
-        progress=rt.params.progress,
-    )
+    kw = dict(batch_size=max(1, dp.batch_size // dist.world_size()), num_workers=dp.num_workers,
+              device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last,
+              progress=rt.params.progress)
+    transformation = getattr(model, "transformation", None)
+    if getattr(transformation, "has_uncertainty", False):
+        # A transformed old model with a FastFill head: its uncertainty orders the backfilling.
+        feats, labels, log_var = extract_features_and_uncertainty(model, dataset, **kw)
+        return Embeddings(feats, labels, model_path, uncertainty_score(log_var))
+    feats, labels = extract_features(model, dataset, **kw)
     return Embeddings(feats.float().cpu(), labels.cpu(), model_path)
 
 
@@ -122,7 +139,9 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
     from fct.retrieval import retrieval_metrics
 
     if cfg.eval_params.backfilling is not None:
-        raise UserError("eval_params.backfilling: backfilling curves are not available in this version yet")
+        from fct.retrieval.backfilling import check_orderings
+
+        check_orderings(_ordering_names(cfg))  # before any feature is computed
     rt = rt or make_runtime(cfg.runtime)
     cache = {} if cache is None else cache
     q = _side(cfg, "query", rt, cache)
@@ -161,6 +180,8 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
                                     g.labels.to(rt.device), metric=ep.distance_metric, exclude_self=loo,
                                     compute_map=False, chunk_size=ep.chunk_size)
         result["per_class"] = per_class_cmc(per_q, q.labels, tuple(ep.topk))
+    if ep.backfilling is not None and dist.is_main():
+        result["backfilling"] = _backfilling(cfg, rt, q, g, loo)
     if dist.is_main():
         if cfg.results_path:
             atomic_write_json(result, cfg.results_path)
@@ -171,3 +192,57 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
             if cfg.results_path:
                 print(f"results written to {cfg.results_path}")
     return result
+
+
+def _ordering_names(cfg: EvalConfig) -> list[str]:
+    # The reference matches ordering names case-insensitively.
+    return [name.lower() for name in cfg.eval_params.backfilling_list]
+
+
+def _backfilling(cfg: EvalConfig, rt: Runtime, q: Embeddings, g: Embeddings, loo: bool) -> dict:
+    """Backfilling curves of the gallery ``g`` (h(old)) towards the query model's features of the
+    same images (new/new); writes the reference's ``.npy``, a PNG plot, and returns the JSON part."""
+    from fct.plots import plot_backfilling
+    from fct.retrieval.backfilling import BACKFILL_ORDERS, BackfillInputs, backfilling_curves
+
+    ep = cfg.eval_params
+    assert ep.backfilling is not None
+    if not loo:
+        raise UserError(
+            "eval_params.backfilling needs the query and gallery sides to be the same images (the gallery's "
+            "new-model features are the query model's features of those images); this case is not leave-one-out "
+            "(eval_params.leave_one_out)"
+        )
+    inputs = BackfillInputs(new=q.features, old=g.features, uncertainty=g.uncertainty, metric=ep.distance_metric,
+                            seed=cfg.seed, random_seeds=ep.backfilling_random_seeds, gallery_source=g.source)
+    orders = {name: BACKFILL_ORDERS.get(name)(inputs) for name in _ordering_names(cfg)}
+    curves = backfilling_curves(
+        q.features.to(rt.device), q.labels.to(rt.device), q.features.to(rt.device), g.features.to(rt.device),
+        g.labels.to(rt.device), orders, steps=ep.backfilling, metric=ep.distance_metric, exclude_self=loo,
+        topk=tuple(ep.topk), compute_map=ep.compute_map, chunk_size=ep.chunk_size,
+        progress=rt.params.progress and ep.verbose,
+    )
+    out: dict = {"steps": ep.backfilling, "random_seeds": ep.backfilling_random_seeds,
+                 "orderings": {name: c.to_dict() for name, c in curves.items()}}
+    if ep.backfilling_result_path:
+        # The reference's file: {ordering: {'CMC-top1': [...], 'CMC-top5': [...], 'mAP': [...]}}, fractions
+        # in [0, 1] (the mean over seeds for random); read it with np.load(path, allow_pickle=True).item().
+        ref = {name: {(m if m == "mAP" else f"CMC-{m}"): (c.mean(m) / 100.0).tolist() for m in c.values}
+               for name, c in curves.items()}
+        atomic_save_npy(np.array(ref, dtype=object), ep.backfilling_result_path)
+        out["result_path"] = ep.backfilling_result_path
+    plot_path = ep.backfilling_plot_path
+    if plot_path is None and (ep.backfilling_result_path or cfg.results_path):
+        base = ep.backfilling_result_path or cfg.results_path
+        plot_path = os.path.splitext(base)[0] + ("" if ep.backfilling_result_path else "_backfilling") + ".png"
+    if plot_path:
+        plot_backfilling(curves, plot_path, title=f"new queries; gallery {Path(g.source).name} -> new")
+        out["plot_path"] = plot_path
+    if ep.verbose:
+        cols = list(next(iter(curves.values())).values)
+        rows = []
+        for name, c in curves.items():
+            rows.append([name] + [c.auc(m).mean() for m in cols] + [c.auc(m, "trapezoid").mean() for m in cols])
+        print(f"backfilling, {ep.backfilling + 2} points (AUC: mean of the points | trapezoid)")
+        print(format_table(["ordering"] + [f"AUC {m}" for m in cols] + [f"trapz {m}" for m in cols], rows))
+    return out

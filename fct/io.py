@@ -60,3 +60,9 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
             np.savez(f, **arrays)
 
     _atomic_write(path, write)
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+    """Save a matplotlib figure atomically (the format from ``path``'s suffix)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))

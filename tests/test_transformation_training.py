@@ -83,11 +83,19 @@ def test_script_then_eval_with_transformed_gallery(tmp_path, backbones):
         query_model_path: {backbones}/new.pt
         gallery_model_path: {tmp_path}/old_transformed.pt
         dataset_params: {{name: digits, num_workers: 0, batch_size: 128}}
+        eval_params: {{backfilling: 2, backfilling_list: [random, sigma, distance], backfilling_random_seeds: 2,
+                      backfilling_result_path: {tmp_path}/bf.npy}}
         results_path: {tmp_path}/res.json
         """))
     r = run_script("eval.py", "--config", str(ev))
     assert r.returncode == 0, r.stderr
-    assert 0 <= json.loads((tmp_path / "res.json").read_text())["top1"] <= 100
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert 0 <= res["top1"] <= 100
+    # backfilling with the FastFill head's own uncertainty (sigma order) from the model file
+    bf = res["backfilling"]["orderings"]
+    assert set(bf) == {"random", "sigma", "distance"}
+    assert bf["sigma"]["top1"]["points"][0] == pytest.approx(res["top1"])
+    assert (tmp_path / "bf.npy").exists() and (tmp_path / "bf.png").exists()
 
 
 def _train(cfg_path):

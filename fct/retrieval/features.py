@@ -8,7 +8,7 @@ and every rank ends up with the full (N, D) matrix in dataset order.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,6 +67,59 @@ def extract_features(
     every rank. The model runs in eval mode under ``torch.inference_mode`` (its previous
     mode is restored), with autocast to ``amp_dtype`` on CUDA when given.
     """
+    feats, labels, _ = _extract(
+        model, lambda m, x: (_embedding(m(x)), None), dataset, batch_size=batch_size,
+        num_workers=num_workers, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
+        progress=progress,
+    )
+    return feats, labels
+
+
+def extract_features_and_uncertainty(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`extract_features` for a model with ``embed_with_uncertainty(x) -> (feature,
+    log_variance)`` (a transformed old model with a FastFill head); also returns the
+    log-variances float32 (N, sigma_dim)."""
+    embed = getattr(model, "embed_with_uncertainty", None)
+    if embed is None:
+        raise UserError(f"{type(model).__name__} predicts no uncertainty (no embed_with_uncertainty)")
+
+    def fn(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        f, lv = m.embed_with_uncertainty(x)  # type: ignore[operator]
+        if lv is None:
+            raise UserError(f"{type(m).__name__} returned no uncertainty: its transformation has no sigma head")
+        return f.flatten(1), lv.flatten(1)
+
+    feats, labels, lv = _extract(
+        model, fn, dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+        amp_dtype=amp_dtype, channels_last=channels_last, progress=progress,
+    )
+    assert lv is not None
+    return feats, labels, lv
+
+
+def _extract(
+    model: nn.Module,
+    fn: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The shared loop: fn(model, images) -> (features (B, D), extra (B, E) or None)."""
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
@@ -90,7 +143,7 @@ def extract_features(
     autocast = (
         torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
     )
-    feats, labels, indices = [], [], []
+    feats, extras, labels, indices = [], [], [], []
     was_training = model.training
     model.eval()
     try:
@@ -101,19 +154,28 @@ def extract_features(
                 images = images.to(device, non_blocking=True)
                 if channels_last and images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
-                feats.append(_embedding(model(images)).float())
+                f, extra = fn(model, images)
+                feats.append(f.float())
+                if extra is not None:
+                    extras.append(extra.float())
                 labels.append(torch.as_tensor(y, dtype=torch.int64))
                 indices.append(torch.as_tensor(idx, dtype=torch.int64))
     finally:
         model.train(was_training)
 
     f = torch.cat(feats)
+    width = f.shape[1]
+    if extras:
+        f = torch.cat([f, torch.cat(extras)], dim=1)  # travel together through the gather
     y = torch.cat(labels).to(f.device)
     i = torch.cat(indices).to(f.device)
     if dist.is_dist():
         # Gather on the features' device (NCCL needs CUDA tensors), then dedupe by index.
         f, y, i = (dist.all_gather_variable(t) for t in (f, y, i))
-    return _place_by_index(f.cpu(), y.cpu(), i.cpu(), n)
+    f, y = _place_by_index(f.cpu(), y.cpu(), i.cpu(), n)
+    if extras:
+        return f[:, :width].contiguous(), y, f[:, width:].contiguous()
+    return f, y, None
 
 
 def _place_by_index(

@@ -28,7 +28,7 @@ positive get an exact binary search. Memory is O(chunk x Ng); no row is ever ful
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -228,6 +228,105 @@ class _ChunkStats:
     ap: torch.Tensor | None  # (c,) float64 AP (0 where npos == 0)
 
 
+@dataclass(frozen=True)
+class _QueryBlocks:
+    """Where each query's positives sit in the label-sorted gallery."""
+
+    start: torch.Tensor  # (Nq,) first column of the query's class block
+    count: torch.Tensor  # (Nq,) size of that block (0 for a label the gallery lacks)
+    self_col: torch.Tensor | None  # (Nq,) column of the query's own item (leave-one-out)
+    self_in_block: torch.Tensor | None  # (Nq,) bool: that column is one of the positives
+
+
+def _query_blocks(q_labels: torch.Tensor, gal: _Gallery, exclude_self: bool) -> _QueryBlocks:
+    ng = gal.order.shape[0]
+    cls = torch.searchsorted(gal.class_labels, q_labels).clamp(max=gal.class_labels.shape[0] - 1)
+    seen = gal.class_labels[cls] == q_labels
+    start = gal.class_start[cls]
+    count = torch.where(seen, gal.class_count[cls], 0)
+    if not exclude_self:
+        return _QueryBlocks(start, count, None, None)
+    self_col = torch.empty_like(gal.order)
+    self_col[gal.order] = torch.arange(ng, device=gal.order.device)
+    self_col = self_col[: q_labels.shape[0]]
+    # Query i's own item sits inside its class block only when its labels agree.
+    in_block = seen & (self_col >= start) & (self_col < start + count)
+    return _QueryBlocks(start, count, self_col, in_block)
+
+
+class _Workspace:
+    """Per-chunk buffers of the counting pass, allocated once: fresh multi-MB allocations
+    cost page faults on every chunk."""
+
+    def __init__(self, c: int, ng: int, compute_map: bool, device: torch.device) -> None:
+        self.work_f = torch.empty((c, ng), dtype=torch.float32, device=device)
+        self.compute_map = compute_map
+        if compute_map:
+            self.mask = torch.empty((c, ng), dtype=torch.bool, device=device)
+            self.count = torch.empty((c, ng), dtype=torch.int64, device=device)
+            self.work_i = torch.empty((c, ng), dtype=torch.int64, device=device)
+            self.ones = torch.ones((1, 1), dtype=torch.float32, device=device)
+            self.table: torch.Tensor | None = None  # grown on demand
+        self.c = c
+
+    def table_for(self, nb: int) -> torch.Tensor:
+        if self.table is None or self.table.shape[1] < nb + 7:
+            self.table = torch.empty((self.c, nb + 7), dtype=torch.int64, device=self.work_f.device)
+        return self.table
+
+
+def _chunk_stats(
+    keys: torch.Tensor, blocks: _QueryBlocks, s: int, ws: _Workspace
+) -> _ChunkStats:
+    """Statistics of queries s..s+n from their (n, Ng) ranking keys (label-sorted columns;
+    a query's own item, under leave-one-out, already set to +inf). ``keys`` is not modified."""
+    n, ng = keys.shape
+    dev = keys.device
+    e = s + n
+    cnt = blocks.count[s:e]
+    p = max(int(cnt.max()), 1)
+    offs = torch.arange(p, device=dev)[None, :]
+    in_block = offs < cnt[:, None]
+    cols = (blocks.start[s:e, None] + offs).clamp(max=ng - 1)
+    pos = keys.gather(1, cols).masked_fill_(~in_block, float("inf"))
+    pos = torch.sort(pos, dim=1).values  # the excluded self (+inf) sorts last
+    npos = cnt if blocks.self_in_block is None else cnt - blocks.self_in_block[s:e].to(cnt.dtype)
+    pos_le = torch.searchsorted(pos, pos, right=True)  # (n, p): positives <= p_k
+
+    if not ws.compute_map:
+        # A 0/1 float mask sums ~10x faster than a bool one (exact below 2^24 items).
+        le_first = torch.le(keys, pos[:, :1], out=ws.work_f[:n]).sum(1).to(torch.int64)
+        return _ChunkStats(npos, le_first - pos_le[:, 0], None)
+
+    below = ws.count[:n]
+    nb = _num_buckets(p, ng)
+    if nb > 0:
+        _count_below_buckets(
+            nb, keys, pos, npos, below, ws.work_f[:n], ws.work_i[:n], ws.mask[:n], ws.table_for(nb)[:n]
+        )
+    else:
+        _count_below_searchsorted(keys, pos, below)
+    # float32 counts: faster to scatter, exact below 2^24 items per row.
+    hist = torch.zeros((n, p + 1), dtype=torch.float32, device=dev)
+    hist.scatter_add_(1, below, ws.ones.expand(n, ng))
+    # items <= p_k, minus positives <= p_k: negatives ranked ahead of positive k.
+    neg_le = torch.cumsum(hist.to(torch.int64), 1)[:, :p] - pos_le
+    k1 = (offs + 1).to(torch.float64)
+    prec = k1 / (k1 + neg_le.to(torch.float64))
+    valid = offs < npos[:, None]
+    ap = (prec * valid).sum(1) / npos.clamp_min(1).to(torch.float64)
+    return _ChunkStats(npos, neg_le[:, 0], ap)
+
+
+def _chunk_starts(nq: int, c: int, progress: bool, desc: str = "retrieval") -> Iterable[int]:
+    starts: Iterable[int] = range(0, nq, c)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="chunk", total=len(range(0, nq, c)))
+    return starts
+
+
 def _rank_pass(
     q: torch.Tensor,
     q_labels: torch.Tensor,
@@ -242,77 +341,16 @@ def _rank_pass(
     nq, dev = q.shape[0], q.device
     ng = gal.order.shape[0]
     per_pair = _BYTES_PER_PAIR if compute_map else 4 + 4
-    c = chunk_size or auto_chunk(nq, ng, per_pair, dev)
-    c = min(c, nq)
-    # Buffers reused by every chunk: fresh multi-MB allocations cost page faults each time.
+    c = min(chunk_size or auto_chunk(nq, ng, per_pair, dev), nq)
     key_buf = torch.empty((c, ng), dtype=torch.float32, device=dev)
-    work_f = torch.empty((c, ng), dtype=torch.float32, device=dev)
-    if compute_map:
-        mask_buf = torch.empty((c, ng), dtype=torch.bool, device=dev)
-        count_buf = torch.empty((c, ng), dtype=torch.int64, device=dev)
-        work_i = torch.empty((c, ng), dtype=torch.int64, device=dev)
-        ones = torch.ones((1, 1), dtype=torch.float32, device=dev)
-        table_buf: torch.Tensor | None = None  # grown on demand
-
-    # Each query's class block in the label-sorted gallery (count 0 for an unseen label).
-    cls = torch.searchsorted(gal.class_labels, q_labels).clamp(max=gal.class_labels.shape[0] - 1)
-    seen = gal.class_labels[cls] == q_labels
-    q_start = gal.class_start[cls]
-    q_count = torch.where(seen, gal.class_count[cls], 0)
-    if exclude_self:
-        self_col = torch.empty_like(gal.order)
-        self_col[gal.order] = torch.arange(ng, device=dev)
-        # Query i's own item sits inside its class block only when its labels agree.
-        self_in_block = seen & (self_col >= q_start) & (self_col < q_start + q_count)
-
-    starts = range(0, nq, c)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="retrieval", unit="chunk", total=len(starts))
-    for s in starts:
+    ws = _Workspace(c, ng, compute_map, dev)
+    blocks = _query_blocks(q_labels, gal, exclude_self)
+    for s in _chunk_starts(nq, c, progress):
         e = min(s + c, nq)
-        n = e - s
-        keys = _keys(q[s:e], gal, key_buf[:n])
-        rows = torch.arange(n, device=dev)
-        if exclude_self:
-            keys[rows, self_col[s:e]] = float("inf")
-        cnt = q_count[s:e]
-        p = max(int(cnt.max()), 1)
-        offs = torch.arange(p, device=dev)[None, :]
-        in_block = offs < cnt[:, None]
-        cols = (q_start[s:e, None] + offs).clamp(max=ng - 1)
-        pos = keys.gather(1, cols).masked_fill_(~in_block, float("inf"))
-        pos = torch.sort(pos, dim=1).values  # the excluded self (+inf) sorts last
-        npos = cnt - self_in_block[s:e].to(cnt.dtype) if exclude_self else cnt
-        pos_le = torch.searchsorted(pos, pos, right=True)  # (n, p): positives <= p_k
-
-        if not compute_map:
-            # A 0/1 float mask sums ~10x faster than a bool one (exact below 2^24 items).
-            le_first = torch.le(keys, pos[:, :1], out=work_f[:n]).sum(1).to(torch.int64)
-            yield _ChunkStats(npos, le_first - pos_le[:, 0], None)
-            continue
-
-        below = count_buf[:n]
-        nb = _num_buckets(p, ng)
-        if nb > 0:
-            if table_buf is None or table_buf.shape[1] < nb + 7:
-                table_buf = torch.empty((c, nb + 7), dtype=torch.int64, device=dev)
-            _count_below_buckets(
-                nb, keys, pos, npos, below, work_f[:n], work_i[:n], mask_buf[:n], table_buf[:n]
-            )
-        else:
-            _count_below_searchsorted(keys, pos, below)
-        # float32 counts: faster to scatter, exact below 2^24 items per row.
-        hist = torch.zeros((n, p + 1), dtype=torch.float32, device=dev)
-        hist.scatter_add_(1, below, ones.expand(n, ng))
-        # items <= p_k, minus positives <= p_k: negatives ranked ahead of positive k.
-        neg_le = torch.cumsum(hist.to(torch.int64), 1)[:, :p] - pos_le
-        k1 = (offs + 1).to(torch.float64)
-        prec = k1 / (k1 + neg_le.to(torch.float64))
-        valid = offs < npos[:, None]
-        ap = (prec * valid).sum(1) / npos.clamp_min(1).to(torch.float64)
-        yield _ChunkStats(npos, neg_le[:, 0], ap)
+        keys = _keys(q[s:e], gal, key_buf[: e - s])
+        if blocks.self_col is not None:
+            keys[torch.arange(e - s, device=dev), blocks.self_col[s:e]] = float("inf")
+        yield _chunk_stats(keys, blocks, s, ws)
 
 
 def _prepare_inputs(
