@@ -28,3 +28,7 @@ bench: $(STAMP)
 
 clean-runs:
 	rm -rf runs/quickstart
+
+# The published FCT/FastFill table at CPU scale on ../shared/data/tinyimagenet100-32 (about an hour here).
+reproduce-cpu: $(STAMP)
+	$(PY) -m fct.reproduce

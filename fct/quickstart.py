@@ -2,8 +2,10 @@
 
 Trains an old model (classes 0-4) and a new model (classes 0-9), an FCT transformation and a
 FastFill transformation from old to new (no side-information), evaluates old/old, new/new, new/old
-and new/h(old) for both, prints the table and writes ``runs/quickstart/summary.json``. Rerunning resumes or reuses
-finished work (each step is resumable through its run folder).
+and new/h(old) for both, with backfilling curves (FCT: random order; FastFill: its own uncertainty
+order; both: the distance oracle), prints the table and writes ``runs/quickstart/summary.json`` and
+``runs/quickstart/backfilling.png``. Rerunning resumes or reuses finished work (each step is
+resumable through its run folder).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
 OUT = Path("runs/quickstart")
 CASES = [("old/old", "old_old"), ("new/new", "new_new"), ("new/old", "new_old"),
          ("new/h(old) FCT", "new_h_fct"), ("new/h(old) FastFill", "new_h_fastfill")]
+# (summary row, eval case, ordering): backfilling AUCs (mean of the curve's points, in %).
+AUCS = [("backfilling AUC, FCT, random order", "new_h_fct", "random"),
+        ("backfilling AUC, FastFill, sigma order", "new_h_fastfill", "sigma"),
+        ("backfilling AUC, FCT, distance oracle", "new_h_fct", "distance"),
+        ("backfilling AUC, FastFill, distance oracle", "new_h_fastfill", "distance")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -28,33 +35,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="override applied to both backbone configs, e.g. --set epochs=2")
     args = p.parse_args(argv)
 
-    from fct.config import BackboneConfig, EvalConfig, load_config
-    from fct.config.transformation import TransformationConfig
-    from fct.training.transformation import train_transformation
-    from fct.evaluate import evaluate
-    from fct.io import atomic_write_json
+    from fct.pipeline import Step, backfilling_summary, run_steps, write_summary
     from fct.report import format_table
-    from fct.training.backbone import train_backbone
 
     t0 = time.perf_counter()
-    for version in ("old", "new"):
-        print(f"== training the {version} backbone", flush=True)
-        cfg = load_config(BackboneConfig, CONFIGS / f"digits_backbone_{version}.yaml", args.overrides)
-        train_backbone(cfg)
-    for kind in ("fct", "fastfill"):
-        print(f"== training the {kind} transformation", flush=True)
-        train_transformation(load_config(TransformationConfig, CONFIGS / f"digits_transformation_{kind}.yaml"))
-    cache: dict = {}
-    summary: dict = {"cases": {}}
-    for case, name in CASES:
-        cfg = load_config(EvalConfig, CONFIGS / f"digits_eval_{name}.yaml", ["eval_params.verbose=false"])
-        res = evaluate(cfg, cache=cache)
-        summary["cases"][case] = {k: res[k] for k in ("top1", "top5", "mAP")}
+    steps = [Step("backbone", f"{v} backbone", CONFIGS / f"digits_backbone_{v}.yaml") for v in ("old", "new")]
+    steps += [Step("transformation", f"{k} transformation", CONFIGS / f"digits_transformation_{k}.yaml")
+              for k in ("fct", "fastfill")]
+    steps += [Step("eval", name, CONFIGS / f"digits_eval_{name}.yaml") for _, name in CASES]
+    run = run_steps(steps, {"backbone": args.overrides})
+    summary: dict = {"cases": {case: {k: run.results[name][k] for k in ("top1", "top5", "mAP")}
+                               for case, name in CASES}}
+    summary["cases"].update(backfilling_summary(run.results, AUCS, OUT / "backfilling.png",
+                                                "digits: backfilling the gallery from h(old) to new"))
+    summary["backfilling_plot"] = str(OUT / "backfilling.png")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(summary, OUT / "summary.json")
+    write_summary(summary, OUT / "summary.json")
     rows = [[case, v["top1"], v["top5"], v["mAP"]] for case, v in summary["cases"].items()]
     print(format_table(["case (query/gallery)", "top-1", "top-5", "mAP"], rows))
-    print(f"summary written to {OUT / 'summary.json'} ({summary['seconds']} s)")
+    print(f"summary written to {OUT / 'summary.json'}, curves to {OUT / 'backfilling.png'} "
+          f"({summary['seconds']} s)")
 
 
 if __name__ == "__main__":

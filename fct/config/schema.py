@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
 from fct.errors import ConfigError
+from fct.ssl.augment import ViewAugParams
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,28 @@ def _check_twice(section: str, name: str, nested: object, top: object) -> None:
 
 
 @dataclass(frozen=True)
+class SSLParams:
+    """Extension (``ssl_params``): train the backbone label-free with SimCLR, for a
+    side-information model. Labels are never used for training, only by the k-NN monitor."""
+
+    method: Literal["simclr"] = "simclr"
+    temperature: float = 0.2  # NT-Xent temperature
+    projection_hidden_dim: int = 512  # projection head: Linear-BN-ReLU-Linear, discarded after training
+    projection_dim: int = 128
+    # two-view augmentation; None: fct.ssl.default_view_params for the data set's image size
+    augmentation: Optional[ViewAugParams] = None
+    knn_k: int = 20  # neighbours of the weighted k-NN monitor
+    knn_every: int = 1  # run the k-NN monitor every this many epochs (and after the last one)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"ssl_params.temperature must be > 0, got {self.temperature}")
+        for name in ("projection_hidden_dim", "projection_dim", "knn_k", "knn_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ssl_params.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
     """``train_backbone.py`` config."""
 
@@ -121,12 +144,21 @@ class BackboneConfig:
     seed: int = 0  # extension
     output_dir: Optional[str] = None  # extension: run folder; default runs/<model file stem>
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # extension
+    ssl_params: Optional[SSLParams] = None  # extension: label-free (SimCLR) training; None: supervised
+    init_from: Optional[str] = None  # extension: model file whose weights initialise a fresh run
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("init_from is an empty path; give a model file or leave it out")
+        if self.ssl_params is not None and self.label_smoothing != 0.0:
+            raise ConfigError(
+                f"label_smoothing={self.label_smoothing} has no effect with ssl_params (label-free "
+                "training has no classifier loss); remove it"
+            )
         _check_twice("lr_policy_params", "epochs", self.lr_policy_params.epochs, self.epochs)
         _check_twice("lr_policy_params", "lr", self.lr_policy_params.lr, self.optimizer_params.lr)
         if self.lr_policy_params.warmup_length > self.epochs:
@@ -134,7 +166,8 @@ class BackboneConfig:
                 f"lr_policy_params.warmup_length={self.lr_policy_params.warmup_length} exceeds epochs={self.epochs}"
             )
         n = self.dataset_params.num_classes
-        if n is not None and n > self.arch_params.num_classes:
+        # Label-free training never uses the classifier, so its width need not cover the classes.
+        if self.ssl_params is None and n is not None and n > self.arch_params.num_classes:
             raise ConfigError(
                 f"dataset_params.num_classes={n} exceeds arch_params.num_classes={self.arch_params.num_classes} "
                 "(the classifier has too few outputs)"
@@ -162,14 +195,24 @@ class EvalParams:
     # extension: 'auto' = leave-one-out when both sides are the same images (two models on the
     # evaluation split, or one features file on both sides)
     leave_one_out: Union[Literal["auto"], bool] = "auto"
-    # backfilling (FastFill), evaluated by the backfilling module
+    # backfilling (FastFill): B intermediate steps (B + 2 curve points), orderings, the reference's .npy
     backfilling: Optional[int] = None
     backfilling_list: list[str] = field(default_factory=lambda: ["random"])
     backfilling_result_path: Optional[str] = None
+    backfilling_random_seeds: int = 5  # extension: permutations the random order is averaged over
+    backfilling_plot_path: Optional[str] = None  # extension: default beside the results
 
     def __post_init__(self) -> None:
         if not self.topk or any(k < 1 for k in self.topk):
             raise ConfigError(f"eval_params.topk must be a non-empty list of positive ints, got {self.topk}")
+        if self.backfilling is not None and self.backfilling < 0:
+            raise ConfigError(f"eval_params.backfilling must be >= 0 intermediate steps, got {self.backfilling}")
+        if self.backfilling_random_seeds < 1:
+            raise ConfigError(
+                f"eval_params.backfilling_random_seeds must be >= 1, got {self.backfilling_random_seeds}"
+            )
+        if self.backfilling is not None and not self.backfilling_list:
+            raise ConfigError("eval_params.backfilling_list is empty; name at least one of random, sigma, distance")
 
 
 @dataclass(frozen=True)
@@ -187,8 +230,17 @@ class EvalConfig:
     results_path: Optional[str] = None  # extension: JSON results
     seed: int = 0  # extension (random backfilling order)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # extension
+    # extension: a reference case (e.g. old/old) to count negative/positive flips against
+    # (fct/regression/flips.py); its flipped query indices go to flips_path (.npz, default
+    # <results_path stem>_flips.npz)
+    reference_query_model_path: Optional[str] = None
+    reference_gallery_model_path: Optional[str] = None
+    reference_query_features_path: Optional[str] = None
+    reference_gallery_features_path: Optional[str] = None
+    flips_path: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self._check_reference()
         for side in ("query", "gallery"):
             model = getattr(self, f"{side}_model_path")
             feats = getattr(self, f"{side}_features_path")
@@ -198,6 +250,23 @@ class EvalConfig:
                 raise ConfigError(f"missing {side}_model_path (or {side}_features_path)")
             if model is not None and self.dataset_params is None:
                 raise ConfigError(f"{side}_model_path needs dataset_params (the evaluation split)")
+
+    def _check_reference(self) -> None:
+        given = {side: (getattr(self, f"reference_{side}_model_path"), getattr(self, f"reference_{side}_features_path"))
+                 for side in ("query", "gallery")}
+        if all(m is None and f is None for m, f in given.values()):
+            if self.flips_path is not None:
+                raise ConfigError("flips_path needs a reference case (reference_query_model_path and "
+                                  "reference_gallery_model_path, or their *_features_path)")
+            return
+        for side, (model, feats) in given.items():
+            if model is not None and feats is not None:
+                raise ConfigError(f"give reference_{side}_model_path or reference_{side}_features_path, not both")
+            if model is None and feats is None:
+                raise ConfigError(f"a reference case needs reference_{side}_model_path (or "
+                                  f"reference_{side}_features_path) too")
+            if model is not None and self.dataset_params is None:
+                raise ConfigError(f"reference_{side}_model_path needs dataset_params (the evaluation split)")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from fct.data import build_dataset, dataset_info
 from fct.data.arrays import ArrayDataset
 from fct.data.folders import ImageFileDataset
-from fct.errors import UserError
+from fct.errors import ConfigError, UserError
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -75,19 +75,23 @@ class ViewAugParams:
     blur_prob: float = 0.0
 
     def __post_init__(self) -> None:
+        # ConfigError (a UserError): these values also come from YAML (ssl_params.augmentation).
+        for name in ("crop_scale", "crop_ratio"):
+            if len(getattr(self, name)) != 2:
+                raise ConfigError(f"{name} must be two numbers [low, high], got {getattr(self, name)}")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise UserError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+            raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise UserError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+            raise ConfigError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
         for name in ("jitter_prob", "grayscale_prob", "blur_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
-            raise UserError(f"hue must be in [0, 0.5], got {self.hue}")
+            raise ConfigError(f"hue must be in [0, 0.5], got {self.hue}")
 
 
 def default_view_params(image_size: int, grey: bool = False) -> ViewAugParams:

@@ -207,17 +207,21 @@ def evaluate_knn(
     k: int = 20,
     temperature: float = 0.07,
     progress: bool = False,
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """k-NN top-1 (%) of the frozen embedding: val queries against the training set, and
     leave-one-out top-1 within the val split (the retrieval protocol's CMC top-1, cosine).
 
     model: any module whose output has ``.embedding`` (a backbone or SimCLRModel) or is a tensor;
     train_set / val_set: evaluation datasets (``build_dataset(..., augment=False)``). Works under
-    DDP (features are gathered); every process returns the same numbers.
+    DDP (features are gathered); every process returns the same numbers. amp_dtype /
+    channels_last: as in ``extract_features`` (autocast on CUDA, input memory format).
     """
     from fct.retrieval.features import extract_features
 
-    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+              amp_dtype=amp_dtype, channels_last=channels_last)
     train_f, train_y = extract_features(model, train_set, **kw)  # type: ignore[arg-type]
     val_f, val_y = extract_features(model, val_set, **kw)  # type: ignore[arg-type]
     classes = int(max(train_y.max().item(), val_y.max().item())) + 1

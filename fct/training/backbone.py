@@ -1,9 +1,20 @@
-"""``train_backbone.py``: train an embedding model with a classifier, resumably, on 1..N processes."""
+"""``train_backbone.py``: train an embedding model, resumably, on 1..N processes.
+
+Supervised (the default): cross-entropy through the backbone's classifier, validated by top-1/top-5.
+Label-free (``ssl_params``): SimCLR on two augmented views per image, the backbone wrapped with a
+projection head (``fct.ssl.SimCLRModel``) and validated by a k-NN monitor; only the backbone is
+saved, for use as a side-information model.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
 import torch
 from torch import nn
 
@@ -13,13 +24,15 @@ from fct.config.loader import to_dict
 from fct.config.schema import BackboneConfig
 from fct.data import build_dataset, dataset_info
 from fct.errors import UserError
-from fct.models import build_backbone, save_model_file, unwrap_model
+from fct.models import build_backbone, read_model_file, save_model_file, unwrap_model
 from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
+from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, evaluate_knn, simclr_loss_fn, two_view_collate
 from fct.training.checkpoint import Checkpointer, write_resolved_config
 from fct.training.loaders import eval_loader, train_loader
 from fct.training.loop import evaluate_classification, image_step, train_one_epoch
 from fct.training.runlog import RunLog
+
 
 def classification_loss(label_smoothing: float):
     def loss_fn(out, labels: torch.Tensor):
@@ -35,48 +48,152 @@ def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
     if rt.device.type == "cuda" and rt.params.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [rt.device.index] if rt.device.type == "cuda" else None
+    # Parameters with requires_grad=False (the classifier frozen by SimCLRModel) are not tracked
+    # by DDP, so every tracked parameter gets a gradient each step: no find_unused_parameters.
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+# --------------------------------------------------------------------------------------------
+# init_from
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def apply_init_from(model: nn.Module, path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Copy the weights of the backbone model file ``path`` into ``model`` (a backbone), in place.
+
+    Every parameter and buffer must exist in both under the same name with the same shape, except
+    the classifier, which may be wider in ``model`` (more classes): the file's C_old rows fill
+    rows 0..C_old-1 and the other rows keep their initialisation. Everything is checked before
+    anything is copied. Returns ``{"path", "sha256"}`` for the run's records.
+    Raises UserError (naming the file, the key and both shapes) on any other mismatch.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"init_from: model file {p} does not exist")
+    data = read_model_file(p)  # weights_only; refuses anything that is not an fct model file
+    if data["kind"] != "backbone":
+        raise UserError(f"init_from: {p} holds a {data['kind']!r} model, not a backbone")
+    target = unwrap_model(model)
+    file_arch, model_arch = data["arch_params"].get("arch"), getattr(target, "arch", None)
+    if model_arch is not None and file_arch != model_arch:
+        raise UserError(f"init_from: {p} is a {file_arch} but arch_params.arch is {model_arch}")
+    source = data["state_dict"]
+    dest = target.state_dict()
+    classifier = getattr(target, "classifier", None)
+    widenable = {f"{name}." for name, m in target.named_modules() if classifier is not None and m is classifier}
+
+    for key, t in dest.items():
+        if key not in source:
+            raise UserError(f"init_from: {p} has no {key} (model shape {_shape(t)}); is it another architecture?")
+        s = source[key]
+        if _shape(s) == _shape(t):
+            continue
+        wider = (any(key.startswith(w) for w in widenable) and s.dim() == t.dim() and s.dim() >= 1
+                 and s.shape[0] <= t.shape[0] and s.shape[1:] == t.shape[1:])
+        if not wider:
+            raise UserError(f"init_from: {key} has shape {_shape(s)} in {p} but {_shape(t)} in the model")
+    extra = sorted(set(source) - set(dest))
+    if extra:
+        raise UserError(f"init_from: {p} has {extra[0]} (shape {_shape(source[extra[0]])}) which the model lacks")
+
+    with torch.no_grad():
+        for key, t in dest.items():  # state_dict tensors share storage with the model
+            s = source[key]
+            if s.dim() == 0:
+                t.copy_(s)
+            else:
+                t[: s.shape[0]].copy_(s)  # the whole tensor, or a wider classifier's first rows
+    return {"path": str(p), "sha256": file_sha256(p)}
+
+
+def _init_from(cfg: BackboneConfig, backbone: nn.Module, ckpt: Checkpointer) -> Optional[dict[str, Any]]:
+    """Apply ``cfg.init_from`` to a fresh run; on a resume the checkpoint wins and the record
+    kept in it is returned (the file may be gone by then)."""
+    if cfg.init_from is None:
+        return None
+    state = ckpt.load()
+    if state is not None:
+        return dict(state.get("extra", {}).get("init_from") or {"path": cfg.init_from})
+    info = apply_init_from(backbone, cfg.init_from)
+    if dist.is_main():
+        print(f"initialised from {cfg.init_from}", flush=True)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
 def train_backbone(cfg: BackboneConfig) -> dict:
-    """Train (or resume) and write ``cfg.output_model_path``; returns the last epoch's metrics."""
+    """Train (or resume) and write ``cfg.output_model_path``; returns the last epoch's metrics.
+
+    With ``cfg.ssl_params`` the backbone is trained label-free (SimCLR); ``dataset_params.num_classes``
+    then only selects the images (those of labels 0..K-1), whose labels serve the k-NN monitor only.
+    """
     rt = make_runtime(cfg.runtime)
     run_dir = cfg.run_dir
     config_dict = to_dict(cfg)
-    info = dataset_info(cfg.dataset_params.name, cfg.dataset_params.data_root)
-    k = cfg.dataset_params.num_classes or info.num_classes
-    if k > cfg.arch_params.num_classes:
+    dp, ssl = cfg.dataset_params, cfg.ssl_params
+    info = dataset_info(dp.name, dp.data_root)
+    k = dp.num_classes or info.num_classes
+    if ssl is None and k > cfg.arch_params.num_classes:
         raise UserError(
             f"the data set has {info.num_classes} classes but arch_params.num_classes="
             f"{cfg.arch_params.num_classes}; set dataset_params.num_classes or widen the classifier"
         )
-    train_set = build_dataset(cfg.dataset_params.name, cfg.dataset_params.data_root, "train",
-                              augment=True, num_classes=cfg.dataset_params.num_classes)
-    val_set = build_dataset(cfg.dataset_params.name, cfg.dataset_params.data_root, "val",
-                            augment=False, num_classes=cfg.dataset_params.num_classes)
+    if ssl is None:
+        train_set = build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes)
+        memory_set = None
+    else:
+        train_set = build_two_view_dataset(dp.name, dp.data_root, "train", num_classes=dp.num_classes,
+                                           params=ssl.augmentation)
+        # the k-NN monitor's memory bank: the same training images, unaugmented
+        memory_set = build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes)
+    val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
     write_resolved_config(run_dir, config_dict)
 
     seed_everything(cfg.seed)
-    model = build_backbone(**to_dict(cfg.arch_params))
+    backbone = build_backbone(**to_dict(cfg.arch_params))
+    model: nn.Module = backbone
+    if ssl is not None:
+        model = SimCLRModel(backbone, ProjectionHead(backbone.embedding_dim, ssl.projection_hidden_dim,
+                                                     ssl.projection_dim))
+    ckpt = Checkpointer(run_dir)
+    init_info = _init_from(cfg, backbone, ckpt)
     model = rt.prepare_model(model)
     optimizer = build_optimizer(model, cfg.optimizer_params)
     scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
 
-    ckpt = Checkpointer(run_dir)
+    # A SimCLR run checkpoints backbone and head together, so a resume is exact.
     start, last = ckpt.resume(model, optimizer, scaler, config_dict, cfg.epochs)
 
     net = wrap_ddp(model, rt)
     if cfg.runtime.compile:
         net = torch.compile(net)
     pin = rt.device.type == "cuda"
-    dp = cfg.dataset_params
     loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
-                                   seed=cfg.seed, pin_memory=pin)
+                                   seed=cfg.seed, pin_memory=pin,
+                                   collate_fn=None if ssl is None else two_view_collate)
     val = eval_loader(val_set, global_batch=dp.batch_size, num_workers=dp.num_workers, pin_memory=pin)
     lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
-    step_fn = image_step(net, rt, classification_loss(cfg.label_smoothing))
+    loss_fn = classification_loss(cfg.label_smoothing) if ssl is None else simclr_loss_fn(ssl.temperature)
+    step_fn = image_step(net, rt, loss_fn)
     log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
+    extra_state = {} if init_info is None else {"init_from": init_info}
     try:
         for epoch in range(start, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -84,22 +201,21 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             net.train()
             train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
-            metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
+            if ssl is None:
+                metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
+            else:
+                train.pop("train_top1")  # no logits in label-free training: the loop's 0 means nothing
+                metrics = _knn_monitor(unwrap_model(net).backbone, memory_set, val_set, cfg, rt, epoch)
             last = {"epoch": epoch, **train, **metrics, "time": time.time()}
             ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
-                      extra={"last": last})
+                      extra={"last": last, **extra_state})
             log.log_epoch(last)
             if dist.is_main():
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  "
-                    f"val top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}  "
-                    f"{train['images_per_s']:.0f} img/s",
-                    flush=True,
-                )
+                print(_epoch_line(epoch, cfg.epochs, train, metrics), flush=True)
     finally:
         log.close()
     if dist.is_main():
-        meta = {
+        meta: dict[str, Any] = {
             "dataset": dp.name,
             "trained_classes": k,
             "epochs": cfg.epochs,
@@ -107,8 +223,44 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             "code_version": fct.__version__,
             "final_metrics": {kk: v for kk, v in last.items() if isinstance(v, (int, float))},
         }
-        save_model_file(cfg.output_model_path, unwrap_model(net), kind="backbone",
+        if ssl is not None:
+            # trained_classes: the classes whose images were used, without their labels
+            ssl_meta = to_dict(ssl)
+            ssl_meta["augmentation"] = to_dict(train_set.view_transform.params)  # as resolved
+            meta.update(label_free=True, ssl=ssl_meta)
+        if init_info is not None:
+            meta["init_from"] = init_info
+        # Label-free: only the backbone is kept (its classifier is untrained); the head is dropped.
+        saved = unwrap_model(net).backbone if ssl is not None else unwrap_model(net)
+        save_model_file(cfg.output_model_path, saved, kind="backbone",
                         arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
         print(f"model written to {cfg.output_model_path}")
     dist.barrier()
     return last
+
+
+def _knn_monitor(backbone: nn.Module, memory_set: Any, val_set: Any, cfg: BackboneConfig, rt: Runtime,
+                 epoch: int) -> dict[str, float]:
+    """k-NN top-1 (%) of val images against the training images, and leave-one-out top-1 within
+    val (cosine); every ``knn_every`` epochs and after the last one, else {}."""
+    ssl = cfg.ssl_params
+    assert ssl is not None
+    if (epoch + 1) % ssl.knn_every != 0 and epoch + 1 != cfg.epochs:
+        return {}
+    dp = cfg.dataset_params
+    m = evaluate_knn(backbone, memory_set, val_set, batch_size=max(1, dp.batch_size // dist.world_size()),
+                     num_workers=dp.num_workers, device=rt.device, k=ssl.knn_k,
+                     progress=not dist.progress_disabled(rt.params.progress),
+                     amp_dtype=rt.amp_dtype, channels_last=rt.channels_last)
+    return {"val_knn_top1": m["knn_top1"], "val_loo_top1": m["val_loo_top1"]}
+
+
+def _epoch_line(epoch: int, epochs: int, train: dict[str, float], metrics: dict[str, float]) -> str:
+    """The console summary of one epoch (supervised or label-free)."""
+    head = f"epoch {epoch + 1}/{epochs}  loss {train['train_loss']:.4f}  "
+    tail = f"  {train['images_per_s']:.0f} img/s"
+    if "val_top1" in metrics:
+        return head + f"val top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}" + tail
+    if "val_knn_top1" in metrics:
+        return head + f"val k-NN top-1 {metrics['val_knn_top1']:.2f}  LOO top-1 {metrics['val_loo_top1']:.2f}" + tail
+    return head + "(no k-NN this epoch)" + tail

@@ -9,7 +9,7 @@ of step t is the single-process batch t (DistributedSampler deals indices round-
 
 from __future__ import annotations
 
-from typing import Iterator, Sized
+from typing import Any, Callable, Iterator, Optional, Sized
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -95,9 +95,12 @@ def _loader_kwargs(num_workers: int, pin: bool) -> dict:
 
 
 def train_loader(
-    dataset: Sized, *, global_batch: int, num_workers: int, seed: int, pin_memory: bool
+    dataset: Sized, *, global_batch: int, num_workers: int, seed: int, pin_memory: bool,
+    collate_fn: Optional[Callable[[list], Any]] = None,
 ) -> tuple[DataLoader, EpochTaggedSampler]:
-    """Shuffled, seeded, sharded training loader; drops the last partial batch."""
+    """Shuffled, seeded, sharded training loader; drops the last partial batch.
+
+    collate_fn: None for the default collation (e.g. ``fct.ssl.two_view_collate`` for pairs of views)."""
     batch = per_process_batch(global_batch)
     if batch > len(dataset):
         raise ConfigError(
@@ -118,6 +121,7 @@ def train_loader(
         batch_size=batch,
         sampler=sampler,
         drop_last=True,
+        collate_fn=collate_fn,
         **_loader_kwargs(num_workers, pin_memory),
     )
     return loader, sampler
