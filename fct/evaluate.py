@@ -173,6 +173,17 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
             "dataset": to_dict(cfg.dataset_params) if cfg.dataset_params else None,
         },
     }
+    if cfg.reference_query_model_path is not None or cfg.reference_query_features_path is not None:
+        # every rank: extracting the reference models' features is collective under torchrun
+        _side(cfg, "reference_query", rt, cache)
+        _side(cfg, "reference_gallery", rt, cache)
+        if dist.is_main():
+            from fct.regression.flips import flip_report
+
+            result["flips"] = flip_report(cfg, rt, cache, q, g, loo)
+            if ep.verbose:
+                r = result["flips"]["retrieval"]
+                print(f"flips vs reference: retrieval NFR {r['nfr']:.2f}%  PFR {r['pfr']:.2f}%")
     if ep.per_class and dist.is_main():
         from fct.retrieval.metrics import retrieval_per_query
 

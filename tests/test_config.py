@@ -82,6 +82,10 @@ def test_repo_configs_all_load(repo):
         cls = EvalConfig if "eval" in path.name else BackboneConfig
         if "transformation" in path.name or "chain" in path.name:
             continue
+        if "interpolate" in path.name:
+            from fct.config.interpolation import InterpolationConfig
+
+            cls = InterpolationConfig
         load_config(cls, path)
 
 
