@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fct-installed
 
-.PHONY: venv quickstart test reproduce-cpu bench clean-runs
+.PHONY: venv quickstart test reproduce-cpu regression-quick bench clean-runs
 
 venv: $(STAMP)
 
@@ -32,3 +32,7 @@ clean-runs:
 # The published FCT/FastFill table at CPU scale on ../shared/data/tinyimagenet100-32 (about an hour here).
 reproduce-cpu: $(STAMP)
 	$(PY) -m fct.reproduce
+
+# Weight interpolation (BCWI) and negative flips on digits, both update scenarios (a few minutes).
+regression-quick: $(STAMP)
+	$(PY) -m fct.regression.quick

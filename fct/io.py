@@ -66,3 +66,14 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (the format from ``path``'s suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's contents, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -16,7 +16,7 @@ from fct.io import atomic_write_json
 
 @dataclass(frozen=True)
 class Step:
-    """One config: kind 'backbone' | 'transformation' | 'eval'; ``name`` labels it in the summary."""
+    """One config: kind 'backbone' | 'transformation' | 'interpolate' | 'eval'; ``name`` labels it."""
 
     kind: str
     name: str
@@ -26,7 +26,7 @@ class Step:
 
 @dataclass
 class PipelineResult:
-    results: dict[str, dict] = field(default_factory=dict)  # eval step name -> evaluate() result
+    results: dict[str, dict] = field(default_factory=dict)  # eval/interpolate step name -> its result
     seconds: dict[str, float] = field(default_factory=dict)  # step name -> wall seconds
 
 
@@ -51,6 +51,12 @@ def run_steps(steps: Sequence[Step], overrides: dict[str, Sequence[str]] | None 
         elif step.kind == "transformation":
             print(f"== training {step.name}", flush=True)
             train_transformation(load_config(TransformationConfig, step.config, sets))
+        elif step.kind == "interpolate":
+            from fct.config.interpolation import InterpolationConfig
+            from fct.regression.sweep import run_sweep
+
+            print(f"== {step.name}", flush=True)
+            out.results[step.name] = run_sweep(load_config(InterpolationConfig, step.config, sets))
         elif step.kind == "eval":
             cfg = load_config(EvalConfig, step.config, ["eval_params.verbose=false", *sets])
             out.results[step.name] = evaluate(cfg, cache=cache)

@@ -481,3 +481,27 @@ def test_shared_tinyimagenet(shared_data: Path) -> None:
     x, y = train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 50
     assert sorted(p.name for p in shared_data.iterdir()) == before
+
+
+def test_train_fraction_is_class_balanced_and_fixed():
+    from fct.data.datasets import class_fraction_indices, take_fraction
+
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 1)
+    idx = class_fraction_indices(labels, 0.3, seed=0)
+    # ceil(0.3 * n_c): 3 of class 0, 2 of class 1, 1 of class 2; sorted, within each class
+    assert np.bincount(labels[idx]).tolist() == [3, 2, 1]
+    assert idx.tolist() == sorted(idx.tolist())
+    assert np.array_equal(idx, class_fraction_indices(labels, 0.3, seed=0))
+    assert not np.array_equal(idx, class_fraction_indices(labels, 0.3, seed=1))
+    # a larger fraction with the same seed keeps the smaller selection (prefixes of one permutation)
+    assert set(idx) <= set(class_fraction_indices(labels, 0.6, seed=0))
+    with pytest.raises(UserError, match="train_fraction"):
+        class_fraction_indices(labels, 0.0, seed=0)
+    ds = build_dataset("digits", "", "train", augment=False)
+    sub = take_fraction(ds, 0.25)
+    assert len(sub) < len(ds) and np.array_equal(sub.labels, ds.labels[sub.indices])
+    x, y = sub[3]
+    x0, y0 = ds[int(sub.indices[3])]
+    assert y == y0 and torch.equal(x, x0)
+    assert [b[1] for b in sub.__getitems__([0, 1])] == sub.labels[:2].tolist()
+    assert take_fraction(ds, None) is ds and take_fraction(ds, 1.0) is ds

@@ -142,3 +142,36 @@ def test_dimension_mismatch_is_a_user_error(tmp_path, backbones):
     cfg.write_text(cfg.read_text().replace(f"{backbones}/old.pt", f"{tmp_path}/missing.pt"))
     with pytest.raises(UserError, match="missing.pt"):
         _train(cfg)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_interrupted_transformation_resumes_to_identical_weights(tmp_path, backbones, monkeypatch, cache):
+    """Killed after epoch 0's checkpoint, the rerun continues at epoch 1 (where h's BatchNorm
+    switches to eval mode) and ends with exactly the weights of an uninterrupted run."""
+    import fct.training.transformation as tt
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    shared_cache = tmp_path / "cache"
+    tt.train_transformation(load_config(TransformationConfig, config(
+        full, backbones, arch="MLP_BN_SIDE_PROJECTION_SIGMA", cache=cache, cache_dir=shared_cache)))
+    original = tt.RunLog.log_epoch
+
+    def crash_after_first_epoch(self, record):
+        original(self, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tt.RunLog, "log_epoch", crash_after_first_epoch)
+    cfg = load_config(TransformationConfig, config(cut, backbones, arch="MLP_BN_SIDE_PROJECTION_SIGMA",
+                                                   cache=cache, cache_dir=shared_cache))
+    with pytest.raises(KeyboardInterrupt):
+        tt.train_transformation(cfg)
+    assert not (cut / "h.pt").exists()
+    monkeypatch.setattr(tt.RunLog, "log_epoch", original)
+    tt.train_transformation(cfg)
+    a, b = read_model_file(full / "h.pt")["state_dict"], read_model_file(cut / "h.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    epochs = [json.loads(x)["epoch"] for x in (cut / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]

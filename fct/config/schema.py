@@ -55,6 +55,10 @@ class DatasetParams:
     num_classes: Optional[int] = None  # train on labels 0..num_classes-1 only; None: all
     num_workers: int = 4
     batch_size: int = 256  # global batch, split over processes
+    # extension: train on this fraction of each class's training images (a class-balanced selection
+    # fixed by train_fraction_seed, not by the run seed: "old data" for an added-data update)
+    train_fraction: Optional[float] = None
+    train_fraction_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -63,6 +67,8 @@ class DatasetParams:
             raise ConfigError(f"dataset_params.num_workers must be >= 0, got {self.num_workers}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"dataset_params.num_classes must be >= 1, got {self.num_classes}")
+        if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"dataset_params.train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass(frozen=True)

@@ -294,3 +294,54 @@ def build_dataset(
     The result has ``.labels`` (int64 (N,), the kept samples) and ``.num_classes_total``.
     """
     return DATASETS.get(name)(name, data_root).build(split, augment, num_classes)
+
+
+# --------------------------------------------------------------------------- training subsets
+class LabelledSubset(Dataset):
+    """The items ``indices`` of a dataset that has ``.labels``; keeps batched fetching and the
+    ``labels`` / ``num_classes_total`` attributes the rest of the code reads."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels: np.ndarray = np.asarray(base.labels)[self.indices]  # type: ignore[attr-defined]
+        self.num_classes_total = getattr(base, "num_classes_total", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        picked = [int(self.indices[i]) for i in indices]
+        fetch = getattr(self.base, "__getitems__", None)
+        return fetch(picked) if fetch is not None else [self.base[i] for i in picked]
+
+    def __repr__(self) -> str:
+        return f"LabelledSubset({len(self)} of {self.base!r})"
+
+
+def class_fraction_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, class-balanced selection: ceil(fraction * n_c) samples of each class c, chosen
+    independently of the run seed (so every model trained "on the first 50%" sees the same
+    images), returned in ascending order."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"dataset_params.train_fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rng = np.random.default_rng([seed, int(c)])
+        k = int(np.ceil(fraction * len(members)))
+        keep.append(np.sort(rng.permutation(members)[:k]))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def take_fraction(dataset: Dataset, fraction: float | None, seed: int = 0) -> Dataset:
+    """``dataset`` restricted to :func:`class_fraction_indices` (None or 1.0: unchanged)."""
+    if fraction is None or fraction == 1.0:
+        if fraction is not None:
+            class_fraction_indices(np.zeros(0), fraction, seed)  # validates
+        return dataset
+    return LabelledSubset(dataset, class_fraction_indices(dataset.labels, fraction, seed))  # type: ignore[attr-defined]

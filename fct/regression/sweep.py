@@ -15,7 +15,6 @@ flipped sample indices of each point) and, with ``save_models``, ``models/<metho
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,7 +31,7 @@ from fct import dist
 from fct.config.interpolation import InterpolationConfig
 from fct.config.loader import to_dict
 from fct.errors import UserError
-from fct.io import atomic_save_npz, atomic_torch_save, atomic_write_json, atomic_write_text
+from fct.io import atomic_save_npz, atomic_torch_save, atomic_write_json, atomic_write_text, file_sha256
 from fct.regression.flips import classification_flips, masked_predictions, retrieval_flips, summary
 from fct.regression.interpolation import (
     average_state_dicts,
@@ -70,11 +69,7 @@ class Scores:
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def read_backbone(path: str, num_classes: Optional[int], what: str) -> ModelFile:

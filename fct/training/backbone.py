@@ -8,7 +8,6 @@ saved, for use as a side-information model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,9 @@ from fct import dist
 from fct.config.loader import to_dict
 from fct.config.schema import BackboneConfig
 from fct.data import build_dataset, dataset_info
+from fct.data.datasets import take_fraction
 from fct.errors import UserError
+from fct.io import file_sha256
 from fct.models import build_backbone, read_model_file, save_model_file, unwrap_model
 from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
@@ -56,14 +57,6 @@ def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # init_from
 # --------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -154,14 +147,20 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             f"the data set has {info.num_classes} classes but arch_params.num_classes="
             f"{cfg.arch_params.num_classes}; set dataset_params.num_classes or widen the classifier"
         )
+
+    def train_split(ds):
+        return take_fraction(ds, dp.train_fraction, dp.train_fraction_seed)
+
     if ssl is None:
-        train_set = build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes)
+        train_set = train_split(build_dataset(dp.name, dp.data_root, "train", augment=True,
+                                              num_classes=dp.num_classes))
         memory_set = None
     else:
-        train_set = build_two_view_dataset(dp.name, dp.data_root, "train", num_classes=dp.num_classes,
-                                           params=ssl.augmentation)
+        train_set = train_split(build_two_view_dataset(dp.name, dp.data_root, "train", num_classes=dp.num_classes,
+                                                       params=ssl.augmentation))
         # the k-NN monitor's memory bank: the same training images, unaugmented
-        memory_set = build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes)
+        memory_set = train_split(build_dataset(dp.name, dp.data_root, "train", augment=False,
+                                               num_classes=dp.num_classes))
     val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
     write_resolved_config(run_dir, config_dict)

@@ -23,18 +23,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from fct import dist
-from fct.io import atomic_write_json, atomic_write_text
+from fct.io import atomic_write_json, atomic_write_text, file_sha256
 from fct.runtime import Runtime
 from fct.training.loaders import SeededDataset
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's contents (so a retrained model never reuses stale features)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# sha256 of a model file's contents: a retrained model never reuses stale features.
+file_digest = file_sha256
 
 
 class _ViewShard(Sampler):

@@ -14,6 +14,7 @@ from fct import dist
 from fct.config.loader import to_dict
 from fct.config.transformation import TransformationConfig
 from fct.data import build_dataset
+from fct.data.datasets import take_fraction
 from fct.errors import ConfigError, UserError
 from fct.models import load_model_file, unwrap_model
 from fct.optim import build_optimizer, build_schedule
@@ -135,7 +136,8 @@ def train_transformation(cfg: TransformationConfig) -> dict:
             "has none (a feature-only model)"
         )
     dp = cfg.dataset_params
-    train_set = build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes)
+    train_set = take_fraction(build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes),
+                              dp.train_fraction, dp.train_fraction_seed)
     val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
     write_resolved_config(run_dir, config_dict)
@@ -155,7 +157,8 @@ def train_transformation(cfg: TransformationConfig) -> dict:
         key = {
             "models": {k: file_digest(p) for k, p in (("old", cfg.old_model_path), ("new", cfg.new_model_path),
                                                        ("side", cfg.side_info_model_path)) if p},
-            "data": [dp.name, str(Path(dp.data_root).resolve()) if dp.data_root else "", dp.num_classes],
+            "data": [dp.name, str(Path(dp.data_root).resolve()) if dp.data_root else "", dp.num_classes]
+            + ([dp.train_fraction, dp.train_fraction_seed] if dp.train_fraction is not None else []),
             "code": fct.__version__,
         }
         cache = build_feature_cache(models, train_set, views=cfg.feature_cache.views, seed=cfg.seed,
