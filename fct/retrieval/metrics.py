@@ -52,12 +52,14 @@ _MAX_BUCKET_FRACTION = 0.5
 _MIN_BUCKETS_PER_POSITIVE = 4
 # Tests set this to exercise one method: 0 = searchsorted, n > 0 = n buckets per row.
 _FORCE_NUM_BUCKETS: int | None = None
-# Items that share a bucket with a positive are binary-searched in slices of this many.
+# Items that share a bucket with a positive are resolved in slices of this many: by direct
+# comparison when no bucket holds more than _MAX_LOCAL_COMPARES positives, else by binary search.
 _AMBIGUOUS_SLICE = 1 << 22
+_MAX_LOCAL_COMPARES = 8
 # Bytes of per-chunk buffers per (query, gallery item) pair in the mAP pass: the key block
-# (float32), the bucket value (float32), bucket index and count (int64), a bool mask, and the
-# bucket table (int64, at most _MAX_BUCKET_FRACTION of a row).
-_BYTES_PER_PAIR = 4 + 4 + 8 + 8 + 1 + 4
+# (float32), the bucket value (float32), bucket index (int64), histogram bin (int32), a bool
+# mask, and the bucket table (int32, at most _MAX_BUCKET_FRACTION of a row).
+_BYTES_PER_PAIR = 4 + 4 + 8 + 4 + 1 + 4
 
 
 def _as_labels(x: Any, n: int, name: str, device: torch.device) -> torch.Tensor:
@@ -133,11 +135,6 @@ def _keys(q: torch.Tensor, gal: _Gallery, out: torch.Tensor) -> torch.Tensor:
     return torch.mm(q, gal.keys_t, out=out)
 
 
-def _count_below_searchsorted(keys: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> None:
-    """out[i, n] = #{positives of row i strictly below keys[i, n]}; pos (c, P) sorted rows."""
-    torch.searchsorted(pos, keys, out=out)
-
-
 def _count_below_buckets(
     nb: int,
     keys: torch.Tensor,
@@ -149,11 +146,13 @@ def _count_below_buckets(
     work_b: torch.Tensor,
     table: torch.Tensor,
 ) -> None:
-    """Same result as ``_count_below_searchsorted``, by bucketing (see the module docstring).
+    """Histogram bins by bucketing (see the module docstring): out[i, n] = i * (P + 1) +
+    #{positives of row i strictly below keys[i, n]} (what ``searchsorted`` would count).
 
     nb: buckets spanning the positives' range; keys (c, Ng); pos (c, P) sorted, +inf past
-    each row's npos (c,) real positives; out, work_i (c, Ng) int64; work_f (c, Ng) float32;
-    work_b (c, Ng) bool; table (c, >= nb + 7) int64 scratch.
+    each row's npos (c,) real positives; out (c, Ng) int32 (int64 for huge chunks); work_i
+    (c, Ng) int64; work_f (c, Ng) float32; work_b (c, Ng) bool; table (c, >= nb + 7) scratch
+    of out's dtype.
     Correct for any bucket map that is monotone non-decreasing and applied identically to
     items and positives: an item in a bucket below (above) a positive's bucket is below
     (above) that positive. Separate IEEE sub/mul/clamp/truncate ops are each monotone.
@@ -179,30 +178,67 @@ def _count_below_buckets(
 
     pos_bucket = bucket(pos, torch.empty_like(pos), torch.empty_like(pos, dtype=torch.int64))
     # Padding entries go to a spare column that no item bucket (<= nb + 4) ever reads.
-    pos_bucket.masked_fill_(torch.arange(p, device=dev)[None, :] >= npos[:, None], nb + 5)
-    # table[b] = #{positives in buckets below b}: a histogram shifted by one, cumulated.
+    real = torch.arange(p, device=dev)[None, :] < npos[:, None]
+    pos_bucket.masked_fill_(~real, nb + 5)
+    # table[b] = row offset + #{positives in buckets below b}: a histogram shifted by one,
+    # with the row's first bin, i * (P + 1), in column 0, cumulated.
     table = table[:, : nb + 7].zero_()
-    table.scatter_add_(1, pos_bucket + 1, torch.ones_like(pos_bucket))
+    table.scatter_add_(1, pos_bucket + 1, torch.ones_like(pos_bucket, dtype=table.dtype))
+    table[:, 0] = (rows * (p + 1)).to(table.dtype)
     table.cumsum_(1)
-    # Where bucket b holds positives, store -1 - that count instead: one look-up per item
-    # then gives both j and "needs an exact search".
-    table.scatter_(1, pos_bucket, -1 - table.gather(1, pos_bucket))
+    # Where bucket b holds positives, store -1 - that bin instead: one look-up per item
+    # then gives both the bin and "needs an exact comparison".
+    below_b = table.gather(1, pos_bucket)
+    table.scatter_(1, pos_bucket, -1 - below_b)
 
     item_bucket = bucket(keys, work_f, work_i)
     torch.gather(table, 1, item_bucket, out=out)
     torch.lt(out, 0, out=work_b)
-    ambiguous = work_b.view(-1).nonzero().squeeze(1)
+    ambiguous = _flat_nonzero(work_b.view(-1))
     if ambiguous.numel() == 0:
         return
-    # The items sharing a bucket with a positive: one binary search over all rows' positives
-    # at once, on int64 keys (row, order-preserving bits of the float) that sort row-major.
-    sorted_codes = _sortable_codes(pos, rows[:, None]).view(-1)
     ng = keys.shape[1]
     flat_keys, flat_out = keys.view(-1), out.view(-1)
+    # The most positives that share one bucket (sorted rows: equal buckets are runs).
+    run = torch.searchsorted(pos_bucket, pos_bucket, right=True)
+    run -= torch.searchsorted(pos_bucket, pos_bucket)
+    most = int(run.masked_fill_(~real, 0).max())
+    if most <= _MAX_LOCAL_COMPARES:
+        # An item in bucket b is above none of the positives of higher buckets: its count is
+        # t_b (positives below b) plus how many of the next `most` sorted positives it beats.
+        padded = torch.cat([pos, pos.new_full((c, most), float("inf"))], 1).view(-1)
+        for sl in torch.split(ambiguous, _AMBIGUOUS_SLICE):
+            r = sl // ng
+            bin0 = -1 - flat_out.index_select(0, sl).to(torch.int64)  # r * (p + 1) + t_b
+            at = bin0 + r * (most - 1)  # r * (p + most) + t_b
+            key = flat_keys.index_select(0, sl)
+            count = torch.zeros_like(bin0)
+            for i in range(most):
+                count += key > padded.index_select(0, at + i)
+            flat_out.index_copy_(0, sl, (bin0 + count).to(out.dtype))
+        return
+    # Otherwise one binary search over all rows' positives at once, on int64 keys (row,
+    # order-preserving bits of the float) that sort row-major.
+    sorted_codes = _sortable_codes(pos, rows[:, None]).view(-1)
     for sl in torch.split(ambiguous, _AMBIGUOUS_SLICE):
         r = sl // ng
-        found = torch.searchsorted(sorted_codes, _sortable_codes(flat_keys[sl], r))
-        flat_out[sl] = found - r * p
+        found = torch.searchsorted(sorted_codes, _sortable_codes(flat_keys.index_select(0, sl), r))
+        flat_out.index_copy_(0, sl, (found + r).to(out.dtype))  # r * (p + 1) + (found - r * p)
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of a contiguous 1-D bool mask, for sparse masks: scans
+    it 8 bytes at a time and looks inside only the words that hold a True."""
+    n = mask.numel()
+    n8 = n - n % 8
+    if n8 == 0 or mask.storage_offset() % 8:
+        return mask.nonzero().squeeze(1)
+    words = mask[:n8].view(torch.int64).nonzero().squeeze(1)
+    sub = mask[:n8].view(-1, 8).index_select(0, words).nonzero()
+    found = words.index_select(0, sub[:, 0]) * 8 + sub[:, 1]
+    if n8 == n:
+        return found
+    return torch.cat([found, mask[n8:].nonzero().squeeze(1) + n8])
 
 
 def _sortable_codes(x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -263,15 +299,18 @@ class _Workspace:
         self.compute_map = compute_map
         if compute_map:
             self.mask = torch.empty((c, ng), dtype=torch.bool, device=device)
-            self.count = torch.empty((c, ng), dtype=torch.int64, device=device)
+            # Histogram bins, row * (P + 1) + count, at most c * (Ng + 1): int32 halves the
+            # traffic; int64 only for chunks beyond 2^31 pairs.
+            self.bin_dtype = torch.int32 if c * (ng + 1) < 2**31 else torch.int64
+            self.count = torch.empty((c, ng), dtype=self.bin_dtype, device=device)
             self.work_i = torch.empty((c, ng), dtype=torch.int64, device=device)
-            self.ones = torch.ones((1, 1), dtype=torch.float32, device=device)
             self.table: torch.Tensor | None = None  # grown on demand
         self.c = c
 
     def table_for(self, nb: int) -> torch.Tensor:
         if self.table is None or self.table.shape[1] < nb + 7:
-            self.table = torch.empty((self.c, nb + 7), dtype=torch.int64, device=self.work_f.device)
+            dev = self.work_f.device
+            self.table = torch.empty((self.c, nb + 7), dtype=self.bin_dtype, device=dev)
         return self.table
 
 
@@ -305,12 +344,12 @@ def _chunk_stats(
             nb, keys, pos, npos, below, ws.work_f[:n], ws.work_i[:n], ws.mask[:n], ws.table_for(nb)[:n]
         )
     else:
-        _count_below_searchsorted(keys, pos, below)
-    # float32 counts: faster to scatter, exact below 2^24 items per row.
-    hist = torch.zeros((n, p + 1), dtype=torch.float32, device=dev)
-    hist.scatter_add_(1, below, ws.ones.expand(n, ng))
+        torch.searchsorted(pos, keys, out_int32=below.dtype == torch.int32, out=below)
+        below.add_(torch.arange(0, n * (p + 1), p + 1, device=dev, dtype=below.dtype)[:, None])
+    # below holds histogram bins row * (p + 1) + j: one flat bincount counts them all.
+    hist = torch.bincount(below.view(-1), minlength=n * (p + 1)).view(n, p + 1)
     # items <= p_k, minus positives <= p_k: negatives ranked ahead of positive k.
-    neg_le = torch.cumsum(hist.to(torch.int64), 1)[:, :p] - pos_le
+    neg_le = torch.cumsum(hist, 1)[:, :p] - pos_le
     k1 = (offs + 1).to(torch.float64)
     prec = k1 / (k1 + neg_le.to(torch.float64))
     valid = offs < npos[:, None]
