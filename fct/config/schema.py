@@ -136,6 +136,55 @@ class SSLParams:
                 raise ConfigError(f"ssl_params.{name} must be >= 1, got {getattr(self, name)}")
 
 
+def _check_path(key: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError(f"{key} is an empty path")
+
+
+def _check_lambda(key: str, value: float) -> None:
+    if not (value >= 0.0 and value != float("inf")):  # also rejects NaN
+        raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class BCTParams:
+    """Extension (``bct_params``): backward-compatible training against ``old_model_path``
+    (protocols.md §5), L = CE(W_new phi, y) + influence_weight * CE(W_old' phi, y)."""
+
+    old_model_path: str
+    influence_weight: float = 1.0  # lambda
+
+    def __post_init__(self) -> None:
+        _check_path("bct_params.old_model_path", self.old_model_path)
+        _check_lambda("bct_params.influence_weight", self.influence_weight)
+
+
+@dataclass(frozen=True)
+class BackwardParams:
+    """Extension (``backward_params``): train a linear map B_k (this version -> the previous one)
+    jointly with the backbone, aligned through the frozen older maps with every older version."""
+
+    previous_model_paths: list[str]  # [v_{k-1}, ..., v_0], newest first, frozen
+    output_map_path: str  # where B_k is written (a 'transformation' model file)
+    previous_map_paths: list[str] = field(default_factory=list)  # [B_{k-1}, ..., B_1], frozen
+    weight: float = 1.0  # lambda
+
+    def __post_init__(self) -> None:
+        if not self.previous_model_paths:
+            raise ConfigError("backward_params.previous_model_paths is empty; give the older models, newest first")
+        n, m = len(self.previous_model_paths), len(self.previous_map_paths)
+        if m != n - 1:
+            raise ConfigError(
+                f"backward_params: {n} previous_model_paths need {n - 1} previous_map_paths "
+                f"(B_(k-1) .. B_1, newest first), got {m}"
+            )
+        for key in ("previous_model_paths", "previous_map_paths"):
+            for i, p in enumerate(getattr(self, key)):
+                _check_path(f"backward_params.{key}[{i}]", p)
+        _check_path("backward_params.output_map_path", self.output_map_path)
+        _check_lambda("backward_params.weight", self.weight)
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """``train_backbone.py`` config."""
@@ -152,10 +201,17 @@ class BackboneConfig:
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # extension
     ssl_params: Optional[SSLParams] = None  # extension: label-free (SimCLR) training; None: supervised
     init_from: Optional[str] = None  # extension: model file whose weights initialise a fresh run
+    bct_params: Optional[BCTParams] = None  # extension: BCT influence loss against an old model
+    backward_params: Optional[BackwardParams] = None  # extension: learned backward map, trained jointly
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        for key in ("bct_params", "backward_params"):
+            if getattr(self, key) is not None and self.ssl_params is not None:
+                raise ConfigError(f"{key} needs supervised training (it uses the labels); remove it or ssl_params")
+        if self.backward_params is not None and self.backward_params.output_map_path == self.output_model_path:
+            raise ConfigError("backward_params.output_map_path equals output_model_path; give the map its own file")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.init_from is not None and not self.init_from.strip():

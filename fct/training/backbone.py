@@ -4,6 +4,9 @@ Supervised (the default): cross-entropy through the backbone's classifier, valid
 Label-free (``ssl_params``): SimCLR on two augmented views per image, the backbone wrapped with a
 projection head (``fct.ssl.SimCLRModel``) and validated by a k-NN monitor; only the backbone is
 saved, for use as a side-information model.
+Compatibility objectives (supervised only, ``fct.training.compat_losses``): ``bct_params`` adds
+BCT's influence loss against an old model's classifier; ``backward_params`` trains a linear map
+to the previous version jointly with the backbone (written to its own file).
 """
 
 from __future__ import annotations
@@ -29,7 +32,18 @@ from fct.models import build_backbone, read_model_file, save_model_file, unwrap_
 from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, evaluate_knn, simclr_loss_fn, two_view_collate
+from fct.transformations import save_transformation
 from fct.training.checkpoint import Checkpointer, write_resolved_config
+from fct.training.compat_losses import (
+    BackwardAlignedModel,
+    BCTReference,
+    LossMeter,
+    PreviousVersions,
+    build_backward_map,
+    build_bct_reference,
+    compatible_step,
+    load_previous_versions,
+)
 from fct.training.loaders import eval_loader, train_loader
 from fct.training.loop import evaluate_classification, image_step, train_one_epoch
 from fct.training.runlog import RunLog
@@ -126,6 +140,40 @@ def _init_from(cfg: BackboneConfig, backbone: nn.Module, ckpt: Checkpointer) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# Compatibility objectives
+# --------------------------------------------------------------------------------------------
+
+
+def _bct_reference(cfg: BackboneConfig, backbone: nn.Module, mean_set: Any, num_classes: int, rt: Runtime,
+                   ckpt: Checkpointer) -> Optional[BCTReference]:
+    """W_old' for ``cfg.bct_params``: built from the old model on a fresh run, taken from the
+    checkpoint on a resume (so a resume needs neither the old model's forward nor its file)."""
+    p = cfg.bct_params
+    if p is None:
+        return None
+    state = ckpt.load()
+    extra = {} if state is None else state.get("extra", {})
+    if "bct_classifier" in extra:
+        rows, record = extra["bct_classifier"], dict(extra["bct"])
+    else:
+        rows, record = build_bct_reference(Path(p.old_model_path), p.influence_weight, backbone.embedding_dim,
+                                           num_classes, mean_set, rt, batch_size=cfg.dataset_params.batch_size,
+                                           num_workers=cfg.dataset_params.num_workers)
+        if dist.is_main():
+            print(f"BCT: {rows.shape[0]} old classifier rows ({len(record['synthesised_classes'])} "
+                  f"synthesised) from {p.old_model_path}", flush=True)
+    return BCTReference(rows.to(rt.device), p.influence_weight, record)
+
+
+def _previous_versions(cfg: BackboneConfig, probe: torch.Tensor, rt: Runtime) -> Optional[PreviousVersions]:
+    """The frozen older models and maps of ``cfg.backward_params`` (needed every step)."""
+    p = cfg.backward_params
+    if p is None:
+        return None
+    return load_previous_versions(p.previous_model_paths, p.previous_map_paths, p.weight, probe, rt)
+
+
+# --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
@@ -173,6 +221,13 @@ def train_backbone(cfg: BackboneConfig) -> dict:
                                                      ssl.projection_dim))
     ckpt = Checkpointer(run_dir)
     init_info = _init_from(cfg, backbone, ckpt)
+    mean_set = None if cfg.bct_params is None else train_split(
+        build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes))
+    bct = _bct_reference(cfg, backbone, mean_set, k, rt, ckpt)
+    previous = _previous_versions(cfg, val_set[0][0][None], rt)
+    if previous is not None:
+        # B_k is trained with the backbone: one module, so one optimizer and one checkpoint hold both
+        model = BackwardAlignedModel(backbone, build_backward_map(backbone.embedding_dim, previous.dims[0]))
     model = rt.prepare_model(model)
     optimizer = build_optimizer(model, cfg.optimizer_params)
     scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
@@ -191,8 +246,14 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
     loss_fn = classification_loss(cfg.label_smoothing) if ssl is None else simclr_loss_fn(ssl.temperature)
     step_fn = image_step(net, rt, loss_fn)
+    meter = LossMeter(rt.device)  # the loss components of the compatibility objectives
+    if bct is not None or previous is not None:
+        step_fn = compatible_step(net, rt, label_smoothing=cfg.label_smoothing, bct=bct, previous=previous,
+                                  meter=meter)
     log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
-    extra_state = {} if init_info is None else {"init_from": init_info}
+    extra_state: dict[str, Any] = {} if init_info is None else {"init_from": init_info}
+    if bct is not None:
+        extra_state.update(bct=bct.record, bct_classifier=bct.classifier.cpu())
     try:
         for epoch in range(start, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -200,6 +261,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             net.train()
             train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
+            train.update(meter.averages())
             if ssl is None:
                 metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
             else:
@@ -229,13 +291,33 @@ def train_backbone(cfg: BackboneConfig) -> dict:
             meta.update(label_free=True, ssl=ssl_meta)
         if init_info is not None:
             meta["init_from"] = init_info
+        if bct is not None:
+            meta["bct"] = bct.record
+        if previous is not None:
+            meta["backward"] = {**previous.record, "output_map_path": cfg.backward_params.output_map_path}
         # Label-free: only the backbone is kept (its classifier is untrained); the head is dropped.
-        saved = unwrap_model(net).backbone if ssl is not None else unwrap_model(net)
+        # Backward maps: the backbone and B_k go to their own files.
+        saved = unwrap_model(net).backbone if ssl is not None or previous is not None else unwrap_model(net)
         save_model_file(cfg.output_model_path, saved, kind="backbone",
                         arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
         print(f"model written to {cfg.output_model_path}")
+        if previous is not None:
+            _save_backward_map(cfg, unwrap_model(net).backward_map, previous)
     dist.barrier()
     return last
+
+
+def _save_backward_map(cfg: BackboneConfig, backward_map: nn.Module, previous: PreviousVersions) -> None:
+    """Write B_k (version k -> k-1) as a 'transformation' model file whose meta names both ends."""
+    p = cfg.backward_params
+    assert p is not None
+    meta = {"backward_map": {
+        "from_model_path": cfg.output_model_path, "from_sha256": file_sha256(cfg.output_model_path),
+        "to_model_path": p.previous_model_paths[0], "to_sha256": previous.record["previous_model_sha256"][0],
+        "previous_map_paths": list(p.previous_map_paths), "weight": p.weight,
+    }}
+    save_transformation(p.output_map_path, backward_map, backward_map.arch_params(), meta=meta)
+    print(f"backward map written to {p.output_map_path}")
 
 
 def _knn_monitor(backbone: nn.Module, memory_set: Any, val_set: Any, cfg: BackboneConfig, rt: Runtime,
