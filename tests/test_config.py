@@ -78,14 +78,14 @@ def test_reference_eval_config_loads_and_alias(tmp_path):
 
 
 def test_repo_configs_all_load(repo):
-    for path in sorted((repo / "configs").rglob("*.yaml")):
-        cls = EvalConfig if "eval" in path.name else BackboneConfig
-        if "transformation" in path.name or "chain" in path.name:
-            continue
-        if "interpolate" in path.name:
-            from fct.config.interpolation import InterpolationConfig
+    from fct.config.chain import ChainConfig
+    from fct.config.interpolation import InterpolationConfig
+    from fct.config.transformation import TransformationConfig
 
-            cls = InterpolationConfig
+    kinds = [("matrix", ChainConfig), ("transformation", TransformationConfig), ("posthoc", TransformationConfig),
+             ("interpolate", InterpolationConfig), ("eval", EvalConfig)]
+    for path in sorted((repo / "configs").rglob("*.yaml")):
+        cls = next((c for key, c in kinds if key in path.name), BackboneConfig)
         load_config(cls, path)
 
 

@@ -1,0 +1,253 @@
+"""Convert stored embeddings of one registry version into another's space, chunk by chunk.
+
+Input: a ``.npy`` (N, d) float array, or a ``.npz`` with ``features`` (N, d) and optional
+``labels`` (N,) (copied through). Neither is loaded whole: a ``.npy`` is memory-mapped, and so is
+an ``.npz`` member stored uncompressed (what ``np.savez`` writes), found through the zip's local
+header. A compressed member (``np.savez_compressed``) cannot be mapped and is loaded into memory,
+with a note on stderr.
+
+Output: float32 (N, d_target), the maps' precision. Rows are written into a memory-mapped
+temporary ``.npy`` beside the target; after every chunk the number of finished rows is saved in a
+JSON sidecar (atomic), so rerunning the same command after an interruption continues from the
+last finished chunk. The sidecar is trusted only when the input file (path, size, mtime), the two
+versions and the chain of edges (with the map files' hashes) are unchanged; otherwise the
+conversion starts over. At the end the file is renamed onto the target (or packed into it for an
+``.npz`` target) and the sidecar removed.
+
+Command line::
+
+    python -m fct.compat.convert --registry DIR --from A --to B --input X.npy --output Y.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fct.compat.registry import VersionRegistry, edges_fingerprint
+from fct.errors import UserError
+from fct.io import atomic_save_npz, atomic_write_json
+
+PathLike = Union[str, os.PathLike]
+PROGRESS_FORMAT = "fct-convert-progress"
+_SUFFIXES = (".npy", ".npz")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading without loading
+# --------------------------------------------------------------------------------------------
+
+
+def _npz_member_memmap(path: Path, member: str) -> Optional[np.ndarray]:
+    """A read-only memmap of ``member`` (e.g. 'features.npy') of an .npz, or None when it is
+    compressed or uses a .npy header version this reader does not parse."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise UserError(f"{path}: '{member}' holds Python objects, not numbers")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def open_features(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(features (N, d) read-only, usually memory-mapped; labels (N,) in memory or None)."""
+    path = Path(path)
+    if path.suffix not in _SUFFIXES:
+        raise UserError(f"{path}: embeddings must be a .npy array or a .npz archive with 'features'")
+    if not path.is_file():
+        raise UserError(f"input file {path} does not exist")
+    labels = None
+    try:
+        if path.suffix == ".npy":
+            feats = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                if "features" not in z.files:
+                    raise UserError(f"{path} holds {', '.join(z.files) or 'nothing'}, not 'features'")
+                if "labels" in z.files:
+                    labels = np.asarray(z["labels"])
+            feats = _npz_member_memmap(path, "features.npy")
+            if feats is None:
+                print(f"note: {path}: 'features' is stored compressed and cannot be memory-mapped; it is "
+                      "loaded into memory (save it with np.savez, not np.savez_compressed, to avoid this)",
+                      file=sys.stderr)
+                with np.load(path, allow_pickle=False) as z:
+                    feats = np.asarray(z["features"])
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: cannot read embeddings ({e})") from None
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+        raise UserError(f"{path}: features must be a 2-d float array (N, d), got shape {feats.shape} "
+                        f"dtype {feats.dtype}")
+    if labels is not None and labels.shape != (feats.shape[0],):
+        raise UserError(f"{path}: labels have shape {labels.shape}, features {feats.shape[0]} rows")
+    return feats, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _side_paths(out_path: Path) -> tuple[Path, Path]:
+    """(memory-mapped partial .npy, progress sidecar) beside the target."""
+    return (out_path.with_name(f".{out_path.name}.partial.npy"),
+            out_path.with_name(f".{out_path.name}.progress.json"))
+
+
+def _job(in_path: Path, src: str, dst: str, fingerprint: str, rows: int, dim: int) -> dict[str, Any]:
+    st = in_path.stat()
+    return {"format": PROGRESS_FORMAT, "input": str(in_path.resolve()), "input_size": st.st_size,
+            "input_mtime_ns": st.st_mtime_ns, "source": src, "target": dst, "edges_sha256": fingerprint,
+            "rows": rows, "dim": dim, "dtype": "float32"}
+
+
+def _resume_point(sidecar: Path, partial: Path, job: dict[str, Any]) -> int:
+    """Rows already converted by an interrupted run of the same job (0 when none or when anything changed)."""
+    if not (sidecar.is_file() and partial.is_file()):
+        return 0
+    try:
+        saved = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(saved, dict) or {k: saved.get(k) for k in job} != job:
+        return 0
+    done = saved.get("done_rows")
+    if not isinstance(done, int) or not 0 <= done <= job["rows"]:
+        return 0
+    try:
+        existing = np.load(partial, mmap_mode="r")
+    except (OSError, ValueError):
+        return 0
+    return done if existing.shape == (job["rows"], job["dim"]) and existing.dtype == np.float32 else 0
+
+
+def convert_embeddings(registry: Union[VersionRegistry, PathLike], src_version: str, dst_version: str,
+                       in_path: PathLike, out_path: PathLike, chunk_rows: int = 65536, progress: bool = True,
+                       device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Bring the (N, d_src) embeddings in ``in_path`` into ``dst_version``'s space; write (N, d_dst)
+    float32 to ``out_path`` (.npy, or .npz with ``features`` and the input's ``labels``).
+
+    Resumable (see the module docstring). An .npz target is packed at the end by streaming the
+    finished memmap through ``np.savez`` (the rows are not copied into memory; labels are).
+    Returns a summary: rows, dims, the chain of edges, the row it resumed from.
+    """
+    reg = registry if isinstance(registry, VersionRegistry) else VersionRegistry.open(registry)
+    in_path, out_path = Path(in_path), Path(out_path)
+    if out_path.suffix not in _SUFFIXES:
+        raise UserError(f"output {out_path} must end in .npy or .npz")
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise UserError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
+        raise UserError(f"output {out_path} is the input file; write to another path")
+    src, dst = reg.get(src_version), reg.get(dst_version)
+    edges = reg.path(src.id, dst.id)
+    feats, labels = open_features(in_path)
+    rows = feats.shape[0]
+    if feats.shape[1] != src.dim:
+        raise UserError(f"{in_path} holds {feats.shape[1]}-d embeddings, but version {src.id} has "
+                        f"dim {src.dim}")
+    fn = reg.compose(edges, device)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial, sidecar = _side_paths(out_path)
+    job = _job(in_path, src.id, dst.id, edges_fingerprint(edges), rows, dst.dim)
+    done = _resume_point(sidecar, partial, job)
+    if done:
+        out = np.lib.format.open_memmap(partial, mode="r+")
+    else:
+        sidecar.unlink(missing_ok=True)
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(rows, dst.dim))
+    resumed_from = done
+
+    bar = tqdm(total=rows, initial=done, unit="rows", desc=f"{src.id} -> {dst.id}", dynamic_ncols=True,
+               disable=None if progress else True)
+    try:
+        while done < rows:
+            stop = min(done + chunk_rows, rows)
+            x = torch.from_numpy(np.array(feats[done:stop], dtype=np.float32))  # a writable copy of the chunk
+            y = fn(x)
+            if tuple(y.shape) != (stop - done, dst.dim):
+                raise UserError(f"the chain {src.id} -> {dst.id} gave shape {tuple(y.shape)} for "
+                                f"{stop - done} rows, expected ({stop - done}, {dst.dim})")
+            out[done:stop] = y.detach().to("cpu", torch.float32).numpy()
+            out.flush()  # rows reach the file before the sidecar says they are done
+            done = stop
+            atomic_write_json({**job, "done_rows": done}, sidecar)
+            bar.update(stop - bar.n)
+    finally:
+        bar.close()
+    out.flush()
+    del out
+
+    if out_path.suffix == ".npy":
+        os.replace(partial, out_path)
+    else:
+        packed = {"features": np.load(partial, mmap_mode="r")}
+        if labels is not None:
+            packed["labels"] = labels
+        atomic_save_npz(out_path, **packed)
+        del packed
+        partial.unlink()
+    sidecar.unlink(missing_ok=True)
+    return {"source": src.id, "target": dst.id, "rows": rows, "source_dim": src.dim, "target_dim": dst.dim,
+            "edges": [e.to_dict() for e in edges], "resumed_from_row": resumed_from, "output": str(out_path)}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(
+        description="Convert stored embeddings between registry versions (resumable).")
+    p.add_argument("--registry", required=True, help="registry directory (holds registry.json)")
+    p.add_argument("--from", dest="src", required=True, help="version id of the stored embeddings")
+    p.add_argument("--to", dest="dst", required=True, help="version id to convert them to")
+    p.add_argument("--input", required=True, help=".npy (N, d) or .npz with 'features' (+ 'labels')")
+    p.add_argument("--output", required=True, help=".npy or .npz (features + labels) to write")
+    p.add_argument("--chunk-rows", type=int, default=65536,
+                   help="rows converted (and checkpointed) at a time")
+    p.add_argument("--device", default="cpu", help="torch device that applies the maps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    summary = convert_embeddings(a.registry, a.src, a.dst, a.input, a.output, chunk_rows=a.chunk_rows,
+                                 progress=not a.no_progress, device=a.device)
+    chain = " -> ".join([summary["source"]] + [e["target"] for e in summary["edges"]])
+    resumed = f", resumed at row {summary['resumed_from_row']}" if summary["resumed_from_row"] else ""
+    print(f"converted {summary['rows']} embeddings {chain} ({summary['source_dim']}-d -> "
+          f"{summary['target_dim']}-d{resumed}) into {summary['output']}")
+    return summary
+
+
+if __name__ == "__main__":
+    from fct.cli import run_main
+
+    sys.exit(run_main(main))

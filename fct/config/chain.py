@@ -1,0 +1,69 @@
+"""``compat.py`` config: a chain of embedding versions and how each one relates to older ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from fct.config.schema import DatasetParams, EvalParams, RuntimeParams
+from fct.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ChainEdge:
+    """Embeddings of ``source`` -> the space of ``target``: ``identity`` (one space, e.g. BCT) or a
+    ``transformation`` file (an FCT h old -> new, or a backward map new -> old)."""
+
+    source: str
+    target: str
+    kind: Literal["identity", "transformation"]
+    path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ChainVersion:
+    id: str
+    model_path: str
+    change: Literal["major", "minor", "patch"] = "patch"
+    parent: Optional[str] = None
+    compatible_with: list[str] = field(default_factory=list)
+    data: Optional[str] = None  # what it was trained on (free text, kept in the registry)
+    edges: list[ChainEdge] = field(default_factory=list)  # maps joining it to older versions
+    # a model of this version trained without any compatibility constraint: M*[i][i] of the update gain
+    reference_model_path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """Versions oldest first. ``registry_dir`` receives the embedding registry built from them (rebuilt
+    on every run), ``output_dir`` the matrices (JSON, heat-map PNGs) and 2-D projections."""
+
+    versions: list[ChainVersion]
+    dataset_params: DatasetParams  # the evaluation split (all classes, leave-one-out)
+    registry_dir: str
+    output_dir: str
+    eval_params: EvalParams = field(default_factory=EvalParams)
+    headline_metric: Literal["top1", "top5", "mAP"] = "top1"  # the metric the criterion/AC lead with
+    projection: bool = True  # 2-D projection of each pair of consecutive versions
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+
+    def __post_init__(self) -> None:
+        ids = [v.id for v in self.versions]
+        if len(ids) < 2:
+            raise ConfigError(f"versions: a chain needs at least two versions, got {len(ids)}")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"versions: duplicate version ids in {ids}")
+        for k, v in enumerate(self.versions):
+            older = set(ids[:k])
+            for e in v.edges:
+                if v.id not in (e.source, e.target) or ({e.source, e.target} - {v.id}) - older:
+                    raise ConfigError(f"versions[{k}] ({v.id}): edge {e.source} -> {e.target} must join "
+                                      f"{v.id} to an older version ({', '.join(ids[:k]) or 'none'})")
+                if (e.kind == "transformation") != (e.path is not None):
+                    raise ConfigError(f"versions[{k}] ({v.id}): edge {e.source} -> {e.target}: a transformation "
+                                      "edge needs a path, an identity edge has none")
+            for other in v.compatible_with:
+                if other not in older:
+                    raise ConfigError(f"versions[{k}] ({v.id}): compatible_with names {other!r}, not an older version")
+        if self.eval_params.backfilling is not None:
+            raise ConfigError("eval_params.backfilling does not apply to a compatibility matrix; remove it")
