@@ -16,7 +16,7 @@ from fct.io import atomic_write_json
 
 @dataclass(frozen=True)
 class Step:
-    """One config: kind 'backbone' | 'transformation' | 'interpolate' | 'eval'; ``name`` labels it."""
+    """One config: kind 'backbone' | 'transformation' | 'interpolate' | 'compat' | 'eval'; ``name`` labels it."""
 
     kind: str
     name: str
@@ -57,6 +57,12 @@ def run_steps(steps: Sequence[Step], overrides: dict[str, Sequence[str]] | None 
 
             print(f"== {step.name}", flush=True)
             out.results[step.name] = run_sweep(load_config(InterpolationConfig, step.config, sets))
+        elif step.kind == "compat":
+            from fct.compat.chain import evaluate_chain
+            from fct.config.chain import ChainConfig
+
+            print(f"== {step.name}", flush=True)
+            out.results[step.name] = evaluate_chain(load_config(ChainConfig, step.config, sets))
         elif step.kind == "eval":
             cfg = load_config(EvalConfig, step.config, ["eval_params.verbose=false", *sets])
             out.results[step.name] = evaluate(cfg, cache=cache)

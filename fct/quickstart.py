@@ -3,9 +3,12 @@
 Trains an old model (classes 0-4) and a new model (classes 0-9), an FCT transformation and a
 FastFill transformation from old to new (no side-information), evaluates old/old, new/new, new/old
 and new/h(old) for both, with backfilling curves (FCT: random order; FastFill: its own uncertainty
-order; both: the distance oracle), prints the table and writes ``runs/quickstart/summary.json`` and
-``runs/quickstart/backfilling.png``. Rerunning resumes or reuses finished work (each step is
-resumable through its run folder).
+order; both: the distance oracle), then a three-version chain (v0 on classes 0-2, v1 on 0-5, v2 on
+0-9) trained independently, with BCT, with learned backward maps and with FCT transformations between
+the independent versions, and its compatibility matrices.
+Prints the tables and writes ``runs/quickstart/summary.json``, ``runs/quickstart/backfilling.png``
+and ``runs/quickstart/chain/matrix_<method>/``. Rerunning resumes or reuses finished work (each step
+is resumable through its run folder).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ AUCS = [("backfilling AUC, FCT, random order", "new_h_fct", "random"),
         ("backfilling AUC, FastFill, sigma order", "new_h_fastfill", "sigma"),
         ("backfilling AUC, FCT, distance oracle", "new_h_fct", "distance"),
         ("backfilling AUC, FastFill, distance oracle", "new_h_fastfill", "distance")]
+CHAIN_METHODS = ("independent", "bct", "backward", "fct")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="override applied to both backbone configs, e.g. --set epochs=2")
+                   help="override applied to every backbone config, e.g. --set epochs=2")
+    p.add_argument("--no-chain", action="store_true", help="skip the three-version chain")
     args = p.parse_args(argv)
 
     from fct.pipeline import Step, backfilling_summary, run_steps, write_summary
@@ -43,16 +48,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     steps += [Step("transformation", f"{k} transformation", CONFIGS / f"digits_transformation_{k}.yaml")
               for k in ("fct", "fastfill")]
     steps += [Step("eval", name, CONFIGS / f"digits_eval_{name}.yaml") for _, name in CASES]
+    if not args.no_chain:
+        steps.append(Step("backbone", "chain v0", CONFIGS / "digits_chain_v0.yaml"))
+        steps += [Step("backbone", f"chain {v} {m}", CONFIGS / f"digits_chain_{v}_{m}.yaml")
+                  for m in CHAIN_METHODS if m != "fct" for v in ("v1", "v2")]
+        steps += [Step("transformation", f"chain FCT {h}", CONFIGS / f"digits_chain_fct_{h}.yaml")
+                  for h in ("h01", "h12")]
+        steps += [Step("compat", f"matrix {m}", CONFIGS / f"digits_chain_matrix_{m}.yaml") for m in CHAIN_METHODS]
     run = run_steps(steps, {"backbone": args.overrides})
     summary: dict = {"cases": {case: {k: run.results[name][k] for k in ("top1", "top5", "mAP")}
                                for case, name in CASES}}
     summary["cases"].update(backfilling_summary(run.results, AUCS, OUT / "backfilling.png",
                                                 "digits: backfilling the gallery from h(old) to new"))
     summary["backfilling_plot"] = str(OUT / "backfilling.png")
+    if not args.no_chain:
+        summary["chain"] = {m: {"top1": run.results[f"matrix {m}"]["top1"]["matrix"],
+                                "AC": run.results[f"matrix {m}"]["top1"]["AC"],
+                                "AM": run.results[f"matrix {m}"]["top1"]["AM"]} for m in CHAIN_METHODS}
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_summary(summary, OUT / "summary.json")
     rows = [[case, v["top1"], v["top5"], v["mAP"]] for case, v in summary["cases"].items()]
     print(format_table(["case (query/gallery)", "top-1", "top-5", "mAP"], rows))
+    if "chain" in summary:
+        print(format_table(["chain (top-1)", "M[1][0]", "M[2][1]", "M[2][0]", "AC", "AM"],
+                           [[m, c["top1"][1][0], c["top1"][2][1], c["top1"][2][0], c["AC"], c["AM"]]
+                            for m, c in summary["chain"].items()]))
     print(f"summary written to {OUT / 'summary.json'}, curves to {OUT / 'backfilling.png'} "
           f"({summary['seconds']} s)")
 

@@ -119,20 +119,29 @@ def test_cache_is_reused(tmp_path, backbones, monkeypatch):
     import fct.training.feature_cache as fc
 
     _train(config(tmp_path, backbones, epochs=1))
-    (root,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert sorted(p.name for p in root.glob("view_*.done")) == ["view_0.done", "view_1.done"]
-    calls = {"n": 0}
+    roots = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(roots) == 2  # one folder per model: old, new
+    for root in roots:
+        assert sorted(p.name for p in root.glob("view_*.done")) == ["view_0.done", "view_1.done"]
+    calls: list = []
     original = fc.embed_batch
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return original(*a, **k)
+    def counting(models, *a, **k):
+        calls.append(sorted(models))
+        return original(models, *a, **k)
 
     monkeypatch.setattr(fc, "embed_batch", counting)
     (tmp_path / "again").mkdir()
     _train(config(tmp_path / "again", backbones, epochs=1, cache_dir=tmp_path / "cache"))
     # only the dimension probe ran: the views came from disk
-    assert calls["n"] == 1
+    assert len(calls) == 1
+    # adding a side-information model computes its features only; old and new come from disk
+    calls.clear()
+    (tmp_path / "side").mkdir()
+    _train(config(tmp_path / "side", backbones, epochs=1, side=True, cache_dir=tmp_path / "cache"))
+    assert calls[0] == ["new", "old", "side"] and len(calls) > 1
+    assert all(c == ["side"] for c in calls[1:])
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 3
 
 
 def test_dimension_mismatch_is_a_user_error(tmp_path, backbones):

@@ -1,10 +1,11 @@
 """Features of frozen models, computed once per augmented view and memory-mapped on disk.
 
-Layout of one cache folder (named by a hash of the model files' contents, the data and the seed):
-``<name>.npy`` of shape (views, N, D) for each model, ``labels.npy`` (N,), and ``view_<v>.done``
+One cache folder per model (named by a hash of that model file's contents, the data and the
+seed), so a run that adds a model (e.g. side-information) reuses the features of the others:
+``features.npy`` of shape (views, N, D), ``labels.npy`` (N,), ``key.json`` and ``view_<v>.done``
 markers. A view is marked done only after every process wrote its shard and the arrays were
 flushed, so an interrupted build resumes at the first unfinished view and never serves a
-half-written one.
+half-written one. The models still missing a view are run together in one pass over the data.
 """
 
 from __future__ import annotations
@@ -48,13 +49,16 @@ class _ViewShard(Sampler):
 
 @dataclass
 class FeatureCache:
-    root: Path
+    roots: dict[str, Path]  # name -> the model's cache folder
     arrays: dict[str, np.ndarray]  # name -> (views, N, D) memory map
     labels: np.ndarray  # (N,)
 
     @property
     def views(self) -> int:
         return next(iter(self.arrays.values())).shape[0]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in self.roots.items())
 
     def view(self, v: int, device: torch.device) -> dict[str, torch.Tensor]:
         """All features of view ``v`` as tensors on ``device`` (read once per epoch)."""
@@ -89,21 +93,29 @@ def build_feature_cache(
 ) -> FeatureCache:
     """Compute (or reuse) ``views`` augmented passes of ``dataset`` through the frozen ``models``.
 
-    key: what identifies the features besides the seed (model digests, data set, classes, ...).
-    augment_seeded: view v of sample i uses the augmentation of training epoch v (the
-    SeededDataset convention); False for an un-augmented split (views must be 1).
+    key: ``{"models": {name: digest of the model file}, ...}`` plus what else identifies the
+    features (data set, classes, code version); each model's folder is keyed by its own digest
+    and the rest. augment_seeded: view v of sample i uses the augmentation of training epoch v
+    (the SeededDataset convention); False for an un-augmented split (views must be 1).
     """
     n = len(dataset)  # type: ignore[arg-type]
-    full_key = {**key, "seed": seed, "n": n, "format": 1}
-    digest = hashlib.sha256(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:20]
-    root = Path(cache_dir) / digest
+    shared = {k: v for k, v in key.items() if k != "models"}
+    roots: dict[str, Path] = {}
+    for name in models:
+        full_key = {**shared, "model": key["models"][name], "seed": seed, "n": n,
+                    "augment_seeded": augment_seeded, "format": 2}
+        digest = hashlib.sha256(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:20]
+        roots[name] = Path(cache_dir) / digest
     probe = dataset[0][0][None] if not augment_seeded else SeededDataset(dataset, seed)[(0, 0)][0][None]
     dims = {k: int(v.shape[1]) for k, v in embed_batch(models, probe, rt).items()}
     if dist.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(full_key, root / "key.json")
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            labels = np.array([int(dataset[i][1]) for i in range(n)], dtype=np.int64)
         for name, d in dims.items():
-            path = root / f"{name}.npy"
+            root = roots[name]
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / "features.npy"
             ok = False
             if path.exists():
                 try:
@@ -111,39 +123,42 @@ def build_feature_cache(
                 except ValueError:
                     ok = False
             if not ok:  # created (or grown to more views): earlier views are recomputed
-                np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(views, n, d)).flush()
                 for marker in root.glob("view_*.done"):
                     marker.unlink()
-        labels = getattr(dataset, "labels", None)
-        if labels is None:
-            labels = np.array([int(dataset[i][1]) for i in range(n)], dtype=np.int64)
-        np.save(root / "labels.npy", np.asarray(labels, dtype=np.int64))
+                np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(views, n, d)).flush()
+                np.save(root / "labels.npy", np.asarray(labels, dtype=np.int64))
+                atomic_write_json({**shared, "model": key["models"][name], "seed": seed, "n": n}, root / "key.json")
     dist.barrier()
-    arrays = {name: np.load(root / f"{name}.npy", mmap_mode="r+") for name in dims}
+    arrays = {name: np.load(roots[name] / "features.npy", mmap_mode="r+") for name in dims}
     source = SeededDataset(dataset, seed) if augment_seeded else dataset
     for v in range(views):
-        if (root / f"view_{v}.done").exists():
+        todo = [name for name in models if not (roots[name] / f"view_{v}.done").exists()]
+        if not todo:
             continue
         sampler = _ViewShard(n, v) if augment_seeded else list(range(dist.rank(), n, dist.world_size()))
         loader = DataLoader(source, batch_size=batch_size, sampler=sampler, num_workers=num_workers,  # type: ignore[arg-type]
                             pin_memory=rt.device.type == "cuda")
         pos = 0
         mine = np.arange(dist.rank(), n, dist.world_size())
-        for images, _labels in tqdm(loader, desc=f"caching features, view {v + 1}/{views}", leave=False,
-                                    dynamic_ncols=True, disable=dist.progress_disabled(rt.params.progress)):
-            feats = embed_batch(models, images, rt)
+        running = {name: models[name] for name in todo}
+        for images, _labels in tqdm(loader, desc=f"caching features ({', '.join(todo)}), view {v + 1}/{views}",
+                                    leave=False, dynamic_ncols=True,
+                                    disable=dist.progress_disabled(rt.params.progress)):
+            feats = embed_batch(running, images, rt)
             idx = mine[pos: pos + images.shape[0]]
             pos += images.shape[0]
             for name, f in feats.items():
                 arrays[name][v, idx] = f.cpu().numpy()
-        for a in arrays.values():
-            a.flush()
+        for name in todo:
+            arrays[name].flush()
         dist.barrier()
         if dist.is_main():
-            atomic_write_text("", root / f"view_{v}.done")
+            for name in todo:
+                atomic_write_text("", roots[name] / f"view_{v}.done")
     dist.barrier()
-    readonly = {name: np.load(root / f"{name}.npy", mmap_mode="r")[:views] for name in dims}
-    return FeatureCache(root=root, arrays=readonly, labels=np.load(root / "labels.npy"))
+    readonly = {name: np.load(roots[name] / "features.npy", mmap_mode="r")[:views] for name in dims}
+    first = next(iter(roots.values()))
+    return FeatureCache(roots=roots, arrays=readonly, labels=np.load(first / "labels.npy"))
 
 
 class CachedBatches:

@@ -166,7 +166,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
                                     batch_size=per_process, num_workers=dp.num_workers)
         batches: Any = CachedBatches(cache, batch_size=per_process, seed=cfg.seed, device=rt.device)
         if dist.is_main():
-            print(f"training on cached features ({cache.views} views) in {cache.root}")
+            print(f"training on cached features ({cache.views} views) in {cache.describe()}")
     else:
         loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
                                        seed=cfg.seed, pin_memory=rt.device.type == "cuda")
