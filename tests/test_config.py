@@ -83,6 +83,7 @@ def test_repo_configs_all_load(repo):
     from fct.config.transformation import TransformationConfig
 
     kinds = [("matrix", ChainConfig), ("transformation", TransformationConfig), ("posthoc", TransformationConfig),
+             ("chain_fct_h", TransformationConfig),
              ("interpolate", InterpolationConfig), ("eval", EvalConfig)]
     for path in sorted((repo / "configs").rglob("*.yaml")):
         cls = next((c for key, c in kinds if key in path.name), BackboneConfig)
