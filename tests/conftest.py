@@ -1,6 +1,8 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Callable, ContextManager, Iterator
 
 import pytest
 
@@ -22,3 +24,27 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "train.npz").exists():
         pytest.skip(f"shared data set not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@contextlib.contextmanager
+def _killed_after_first_epoch() -> Iterator[None]:
+    """Inside the block a training run (backbone or transformation) raises KeyboardInterrupt right
+    after epoch 0's checkpoint and log line: a process killed between epochs."""
+    from fct.training.runlog import RunLog
+
+    original = RunLog.log_epoch
+
+    def crash(self, record):
+        original(self, record)
+        raise KeyboardInterrupt
+
+    RunLog.log_epoch = crash
+    try:
+        yield
+    finally:
+        RunLog.log_epoch = original
+
+
+@pytest.fixture
+def killed_after_first_epoch() -> Callable[[], ContextManager[None]]:
+    return _killed_after_first_epoch

@@ -125,7 +125,7 @@ def test_simclr_script_writes_a_label_free_backbone(tmp_path):
     assert any(k.startswith("head.") for k in ck["model"]) and ck["epoch"] == 2
 
 
-def test_interrupted_simclr_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+def test_interrupted_simclr_run_resumes_to_identical_weights(tmp_path, killed_after_first_epoch):
     import fct.training.backbone as tb
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
@@ -134,20 +134,9 @@ def test_interrupted_simclr_run_resumes_to_identical_weights(tmp_path, monkeypat
     torch.set_num_threads(1)
     try:
         tb.train_backbone(load_config(BackboneConfig, ssl_config(full_dir)))
-        calls = {"n": 0}
-        original = tb.RunLog.log_epoch
-
-        def crash_after_first_epoch(self, record):
-            original(self, record)
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise KeyboardInterrupt  # killed right after epoch 0's checkpoint
-
-        monkeypatch.setattr(tb.RunLog, "log_epoch", crash_after_first_epoch)
         cfg = load_config(BackboneConfig, ssl_config(cut_dir))
-        with pytest.raises(KeyboardInterrupt):
+        with killed_after_first_epoch(), pytest.raises(KeyboardInterrupt):
             tb.train_backbone(cfg)
-        monkeypatch.setattr(tb.RunLog, "log_epoch", original)
         tb.train_backbone(cfg)  # resumes at epoch 1
     finally:
         torch.set_num_threads(threads)

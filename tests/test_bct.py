@@ -276,7 +276,7 @@ def _state(path):
     return read_model_file(path)["state_dict"]
 
 
-def test_backward_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+def test_backward_run_resumes_to_identical_weights(tmp_path, killed_after_first_epoch):
     import fct.training.backbone as tb
 
     save_backbone(tmp_path / "v0.pt", dim=12)
@@ -286,18 +286,10 @@ def test_backward_run_resumes_to_identical_weights(tmp_path, monkeypatch):
         base_yaml(tmp_path / name, extra, dim=8, classes=3, epochs=2)
     tb.train_backbone(load_config(BackboneConfig, tmp_path / "full" / "cfg.yaml"))
 
-    original = tb.RunLog.log_epoch
-
-    def crash_after_first_epoch(self, record):
-        original(self, record)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tb.RunLog, "log_epoch", crash_after_first_epoch)
     cfg = load_config(BackboneConfig, tmp_path / "cut" / "cfg.yaml")
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_epoch(), pytest.raises(KeyboardInterrupt):
         tb.train_backbone(cfg)
     assert not (tmp_path / "cut" / "B.pt").exists()
-    monkeypatch.setattr(tb.RunLog, "log_epoch", original)
     tb.train_backbone(cfg)  # resumes at epoch 1: backbone and B_1 from the wrapper's checkpoint
     for f in ("new.pt", "B.pt"):
         a, b = _state(tmp_path / "full" / f), _state(tmp_path / "cut" / f)

@@ -82,28 +82,17 @@ def _weights(path):
     return read_model_file(path)["state_dict"]
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, killed_after_first_epoch):
     import fct.training.backbone as tb
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir(), cut_dir.mkdir()
     tb.train_backbone(load_config(BackboneConfig, digits_config(full_dir)))
 
-    calls = {"n": 0}
-    original = tb.RunLog.log_epoch
-
-    def crash_after_first_epoch(self, record):
-        original(self, record)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # killed right after epoch 0's checkpoint
-
-    monkeypatch.setattr(tb.RunLog, "log_epoch", crash_after_first_epoch)
     cfg = load_config(BackboneConfig, digits_config(cut_dir))
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_epoch(), pytest.raises(KeyboardInterrupt):
         tb.train_backbone(cfg)
     assert not (cut_dir / "model.pt").exists()
-    monkeypatch.setattr(tb.RunLog, "log_epoch", original)
     tb.train_backbone(cfg)  # resumes at epoch 1
     a, b = _weights(full_dir / "model.pt"), _weights(cut_dir / "model.pt")
     assert a.keys() == b.keys()

@@ -154,7 +154,8 @@ def test_dimension_mismatch_is_a_user_error(tmp_path, backbones):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_interrupted_transformation_resumes_to_identical_weights(tmp_path, backbones, monkeypatch, cache):
+def test_interrupted_transformation_resumes_to_identical_weights(tmp_path, backbones, killed_after_first_epoch,
+                                                                 cache):
     """Killed after epoch 0's checkpoint, the rerun continues at epoch 1 (where h's BatchNorm
     switches to eval mode) and ends with exactly the weights of an uninterrupted run."""
     import fct.training.transformation as tt
@@ -164,19 +165,11 @@ def test_interrupted_transformation_resumes_to_identical_weights(tmp_path, backb
     shared_cache = tmp_path / "cache"
     tt.train_transformation(load_config(TransformationConfig, config(
         full, backbones, arch="MLP_BN_SIDE_PROJECTION_SIGMA", cache=cache, cache_dir=shared_cache)))
-    original = tt.RunLog.log_epoch
-
-    def crash_after_first_epoch(self, record):
-        original(self, record)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tt.RunLog, "log_epoch", crash_after_first_epoch)
     cfg = load_config(TransformationConfig, config(cut, backbones, arch="MLP_BN_SIDE_PROJECTION_SIGMA",
                                                    cache=cache, cache_dir=shared_cache))
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_epoch(), pytest.raises(KeyboardInterrupt):
         tt.train_transformation(cfg)
     assert not (cut / "h.pt").exists()
-    monkeypatch.setattr(tt.RunLog, "log_epoch", original)
     tt.train_transformation(cfg)
     a, b = read_model_file(full / "h.pt")["state_dict"], read_model_file(cut / "h.pt")["state_dict"]
     assert a.keys() == b.keys()
