@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fct-installed
 
-.PHONY: venv quickstart test reproduce-cpu regression-quick bench clean-runs
+.PHONY: venv quickstart test reproduce-cpu regression-quick regression-cpu chain-cpu bench clean-runs
 
 venv: $(STAMP)
 
@@ -36,3 +36,9 @@ reproduce-cpu: $(STAMP)
 # Weight interpolation (BCWI) and negative flips on digits, both update scenarios (a few minutes).
 regression-quick: $(STAMP)
 	$(PY) -m fct.regression.quick
+
+regression-cpu: $(STAMP)
+	$(PY) -m fct.regression.quick --suite tinyimagenet
+
+chain-cpu: $(STAMP)
+	$(PY) -m fct.chain_cpu

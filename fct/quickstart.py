@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fct.cli import run_main
+from fct.compat.suite import ChainSuite, chain_summary, chain_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
 OUT = Path("runs/quickstart")
@@ -30,7 +31,8 @@ AUCS = [("backfilling AUC, FCT, random order", "new_h_fct", "random"),
         ("backfilling AUC, FastFill, sigma order", "new_h_fastfill", "sigma"),
         ("backfilling AUC, FCT, distance oracle", "new_h_fct", "distance"),
         ("backfilling AUC, FastFill, distance oracle", "new_h_fastfill", "distance")]
-CHAIN_METHODS = ("independent", "bct", "backward", "fct")
+CHAIN = ChainSuite(CONFIGS, v0="digits_chain_v0.yaml", backbone="digits_chain_{v}_{m}.yaml",
+                   transformation="digits_chain_fct_{h}.yaml", matrix="digits_chain_matrix_{m}.yaml")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -49,12 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               for k in ("fct", "fastfill")]
     steps += [Step("eval", name, CONFIGS / f"digits_eval_{name}.yaml") for _, name in CASES]
     if not args.no_chain:
-        steps.append(Step("backbone", "chain v0", CONFIGS / "digits_chain_v0.yaml"))
-        steps += [Step("backbone", f"chain {v} {m}", CONFIGS / f"digits_chain_{v}_{m}.yaml")
-                  for m in CHAIN_METHODS if m != "fct" for v in ("v1", "v2")]
-        steps += [Step("transformation", f"chain FCT {h}", CONFIGS / f"digits_chain_fct_{h}.yaml")
-                  for h in ("h01", "h12")]
-        steps += [Step("compat", f"matrix {m}", CONFIGS / f"digits_chain_matrix_{m}.yaml") for m in CHAIN_METHODS]
+        steps += CHAIN.steps()
     run = run_steps(steps, {"backbone": args.overrides})
     summary: dict = {"cases": {case: {k: run.results[name][k] for k in ("top1", "top5", "mAP")}
                                for case, name in CASES}}
@@ -62,17 +59,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                 "digits: backfilling the gallery from h(old) to new"))
     summary["backfilling_plot"] = str(OUT / "backfilling.png")
     if not args.no_chain:
-        summary["chain"] = {m: {"top1": run.results[f"matrix {m}"]["top1"]["matrix"],
-                                "AC": run.results[f"matrix {m}"]["top1"]["AC"],
-                                "AM": run.results[f"matrix {m}"]["top1"]["AM"]} for m in CHAIN_METHODS}
+        summary["chain"] = chain_summary(run.results)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_summary(summary, OUT / "summary.json")
     rows = [[case, v["top1"], v["top5"], v["mAP"]] for case, v in summary["cases"].items()]
     print(format_table(["case (query/gallery)", "top-1", "top-5", "mAP"], rows))
     if "chain" in summary:
-        print(format_table(["chain (top-1)", "M[1][0]", "M[2][1]", "M[2][0]", "AC", "AM"],
-                           [[m, c["top1"][1][0], c["top1"][2][1], c["top1"][2][0], c["AC"], c["AM"]]
-                            for m, c in summary["chain"].items()]))
+        print(chain_table(summary["chain"]))
     print(f"summary written to {OUT / 'summary.json'}, curves to {OUT / 'backfilling.png'} "
           f"({summary['seconds']} s)")
 

@@ -1,5 +1,6 @@
-"""make reproduce-cpu: every step of the pipeline runs (--quick) on a tiny stand-in made here, and
-the Tiny-ImageNet configs load against the real stand-in when it is present."""
+"""The Tiny-ImageNet commands (make reproduce-cpu, regression-cpu, chain-cpu): every step of each
+pipeline runs (one epoch per backbone) on a tiny stand-in made here, and the Tiny-ImageNet configs
+load against the real stand-in when it is present."""
 
 import json
 import os
@@ -43,9 +44,44 @@ def test_quick_pipeline_runs_end_to_end(tmp_path):
     assert (out / "models" / "side_info_simclr.pt").is_file()
 
 
-def test_missing_data_is_a_user_error(tmp_path):
+def test_regression_cpu_runs_both_scenarios(tmp_path):
+    data = tiny_stand_in(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "fct.reproduce", "--data-root", str(tmp_path / "nowhere")],
+    r = subprocess.run([sys.executable, "-m", "fct.regression.quick", "--suite", "tinyimagenet", "--data-root",
+                        str(data), "--set", "epochs=1", "--set", "lr_policy_params.warmup_length=0"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "regression_cpu"
+    summary = json.loads((out / "regression.json").read_text())
+    assert summary["suite"] == "tinyimagenet"
+    for scenario in ("added data", "added classes"):
+        assert set(summary[scenario]) == {"reference", "best"}
+    assert (out / "models" / "new_ft_classes_s2.pt").is_file()
+    assert (tmp_path / "runs" / "reproduce_cpu" / "models" / "old.pt").is_file()  # shared with reproduce-cpu
+
+
+def test_chain_cpu_runs_four_methods(tmp_path):
+    data = tiny_stand_in(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "fct.chain_cpu", "--data-root", str(data), "--set", "epochs=1",
+                        "--set", "lr_policy_params.warmup_length=0"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "chain_cpu" / "summary.json").read_text())
+    assert set(summary["chain"]) == {"independent", "bct", "backward", "fct"}
+    for m, c in summary["chain"].items():
+        assert len(c["top1"]) == 3 and all(len(row) == 3 for row in c["top1"])
+        assert (tmp_path / "runs" / "chain_cpu" / f"matrix_{m}").is_dir()
+    # v2 trained independently is the reproduction's new model, trained once for both commands
+    assert (tmp_path / "runs" / "reproduce_cpu" / "models" / "new.pt").is_file()
+    assert r.stdout.count("== training") == 9  # 7 backbones, 2 FCT maps
+
+
+@pytest.mark.parametrize("command", [["fct.reproduce"], ["fct.regression.quick", "--suite", "tinyimagenet"],
+                                     ["fct.chain_cpu"]])
+def test_missing_data_is_a_user_error(tmp_path, command):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", *command, "--data-root", str(tmp_path / "nowhere")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
 
@@ -54,9 +90,44 @@ def test_configs_point_at_the_stand_in():
     if not SHARED.is_dir():
         pytest.skip(f"the Tiny-ImageNet stand-in is absent ({SHARED})")
     configs = REPO / "configs" / "tinyimagenet"
+    from fct.config.chain import ChainConfig
+    from fct.config.interpolation import InterpolationConfig
+
     kinds = {"backbone": BackboneConfig, "side": BackboneConfig, "transformation": TransformationConfig,
-             "eval": EvalConfig}
+             "eval": EvalConfig, "interpolate": InterpolationConfig, "matrix": ChainConfig}
     for path in sorted(configs.glob("*.yaml")):
         cls = kinds[path.stem.split("_")[0]]
         cfg = load_config(cls, path)
         assert (REPO / cfg.dataset_params.data_root).resolve() == SHARED.resolve()
+
+
+def _pt_paths(node, key=""):
+    """(key, value) of every '.pt' path in a parsed YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _pt_paths(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _pt_paths(v, key)
+    elif isinstance(node, str) and node.endswith(".pt"):
+        yield key, node
+
+
+def test_every_model_a_tinyimagenet_config_reads_is_made_by_one():
+    import yaml
+
+    from fct.regression.quick import SUITES
+
+    # the soups' second fine-tuned models come from the fine-tuning configs with --set overrides
+    out = SUITES["tinyimagenet"].out
+    made = {f"{out.as_posix()}/models/new_ft_{scenario}_s2.pt" for scenario in ("data", "classes")}
+    read = {}
+    for path in sorted((REPO / "configs" / "tinyimagenet").glob("*.yaml")):
+        for key, value in _pt_paths(yaml.safe_load(path.read_text())):
+            if key.startswith("output_"):
+                assert value not in made, f"{path.name}: {value} is also written by another config"
+                made.add(value)
+            else:
+                read.setdefault(value, path.name)
+    missing = {v: name for v, name in read.items() if v not in made}
+    assert not missing, f"models read but made by no config: {missing}"

@@ -1,56 +1,98 @@
-"""``make regression-quick``: weight interpolation (BCWI) on ``digits`` in both update scenarios.
+"""Weight interpolation (BCWI) in both update scenarios: ``make regression-quick`` on ``digits``,
+``make regression-cpu`` on the Tiny-ImageNet stand-in (``--suite tinyimagenet``).
 
-- added data: an old model on 30% of the training images of every class, new models fine-tuned
-  from it on all of them;
-- added classes: the quickstart's old model (classes 0-4), new models fine-tuned from it on 0-9.
+- added data: an old model on a fraction of the training images of every class (digits 30%,
+  Tiny-ImageNet 50%), new models fine-tuned from it on all of them;
+- added classes: an old model on the first half of the classes (the quickstart's / the CPU
+  reproduction's old model), new models fine-tuned from it on all of them.
 Two fine-tuned new models per scenario (seeds 1 and 2; the soup averages them), then the sweep of
-plain, Fisher-weighted and soup interpolation over alpha. Writes ``runs/quickstart/regression.json``
-with each scenario's best alpha (the smallest NFR among the alphas that keep the new model's
-accuracy). Every step resumes.
+plain, Fisher-weighted and soup interpolation over alpha. Writes ``<out>/regression.json`` with
+each scenario's reference models and best alpha (the smallest NFR among the alphas that keep the
+new model's accuracy). Every step resumes: rerun the command after an interruption.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from fct.cli import run_main
+from fct.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs" / "quickstart"
-OUT = Path("runs/quickstart")
+CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+DEFAULT_TINY = CONFIGS.parent.parent / "shared" / "data" / "tinyimagenet100-32"
 
 
-def _finetunes(scenario: str) -> list:
+@dataclass(frozen=True)
+class Suite:
+    configs: Path
+    out: Path
+    old_fraction: str  # backbone config of the "added data" old model
+    old_classes: str  # backbone config of the "added classes" old model
+    finetune: str  # backbone config of the fine-tuned new models, {scenario} = data | classes
+    sweep: str  # interpolation config, {scenario}
+
+
+SUITES = {
+    "digits": Suite(CONFIGS / "quickstart", Path("runs/quickstart"), "digits_backbone_old_fraction.yaml",
+                    "digits_backbone_old.yaml", "digits_backbone_new_finetune_{scenario}.yaml",
+                    "digits_interpolate_{scenario}.yaml"),
+    "tinyimagenet": Suite(CONFIGS / "tinyimagenet", Path("runs/regression_cpu"), "backbone_bcwi_old_fraction.yaml",
+                          "backbone_old.yaml", "backbone_bcwi_new_finetune_{scenario}.yaml",
+                          "interpolate_bcwi_{scenario}.yaml"),
+}
+
+
+def _finetunes(suite: Suite, scenario: str) -> list:
     from fct.pipeline import Step
 
-    cfg = CONFIGS / f"digits_backbone_new_finetune_{scenario}.yaml"
-    second = ("seed=2", f"output_model_path=runs/quickstart/models/new_ft_{scenario}_s2.pt",
-              f"output_dir=runs/quickstart/new_ft_{scenario}_s2")
+    cfg = suite.configs / suite.finetune.format(scenario=scenario)
+    second = ("seed=2", f"output_model_path={suite.out}/models/new_ft_{scenario}_s2.pt",
+              f"output_dir={suite.out}/new_ft_{scenario}_s2")
     return [Step("backbone", f"new model, added {scenario}, seed 1", cfg),
             Step("backbone", f"new model, added {scenario}, seed 2", cfg, second)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="digits")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="override applied to every backbone config, e.g. --set epochs=1 (a smoke run)")
+    p.add_argument("--data-root", default=None,
+                   help=f"tinyimagenet only: the stand-in (train.npz, val.npz); default {DEFAULT_TINY}")
+    args = p.parse_args(argv)
     from fct.io import atomic_write_json
     from fct.pipeline import Step, run_steps
 
-    steps = [Step("backbone", "old model on 30% of the data", CONFIGS / "digits_backbone_old_fraction.yaml"),
-             *_finetunes("data"),
-             Step("interpolate", "sweep, added data", CONFIGS / "digits_interpolate_data.yaml"),
-             Step("backbone", "old model on classes 0-4", CONFIGS / "digits_backbone_old.yaml"),
-             *_finetunes("classes"),
-             Step("interpolate", "sweep, added classes", CONFIGS / "digits_interpolate_classes.yaml")]
-    run = run_steps(steps)
-    summary = {}
+    suite = SUITES[args.suite]
+    overrides: dict[str, list[str]] = {"backbone": list(args.overrides)}
+    if args.suite == "tinyimagenet":
+        root = Path(args.data_root) if args.data_root else DEFAULT_TINY
+        if not (root / "train.npz").is_file() or not (root / "val.npz").is_file():
+            raise UserError(f"the Tiny-ImageNet stand-in is not at {root} (train.npz, val.npz); give --data-root")
+        data_set = f"dataset_params.data_root={os.path.abspath(root)}"
+        overrides = {"backbone": [data_set, *args.overrides], "interpolate": [data_set]}
+    elif args.data_root:
+        raise UserError("--data-root is for --suite tinyimagenet (digits is embedded)")
+
+    steps = [Step("backbone", "old model on a fraction of the data", suite.configs / suite.old_fraction),
+             *_finetunes(suite, "data"),
+             Step("interpolate", "sweep, added data", suite.configs / suite.sweep.format(scenario="data")),
+             Step("backbone", "old model on the first half of the classes", suite.configs / suite.old_classes),
+             *_finetunes(suite, "classes"),
+             Step("interpolate", "sweep, added classes", suite.configs / suite.sweep.format(scenario="classes"))]
+    run = run_steps(steps, overrides)
+    summary: dict = {"suite": args.suite}
     for scenario in ("data", "classes"):
         res = run.results[f"sweep, added {scenario}"]
         summary[f"added {scenario}"] = {"reference": res["reference"], "best": res["best"]}
     summary["step_seconds"] = run.seconds
-    atomic_write_json(summary, OUT / "regression.json")
-    print(f"summary written to {OUT / 'regression.json'}")
+    atomic_write_json(summary, suite.out / "regression.json")
+    print(f"summary written to {suite.out / 'regression.json'}")
 
 
 if __name__ == "__main__":
