@@ -12,7 +12,13 @@ import fct.retrieval.metrics as metrics_mod
 from fct.errors import ConfigError, UserError
 from fct.retrieval import KNN_BACKENDS, cmc_from_neighbors, knn, retrieval_metrics
 from fct.retrieval.metrics import retrieval_per_query
+from fct.retrieval import native
 from fct.retrieval.reference import naive_distances, naive_retrieval_metrics
+
+# Both ways of counting in the mAP pass: the torch ops, and the compiled kernel when this
+# machine can build it (fct.retrieval.native).
+COUNTING = [False, pytest.param(True, marks=pytest.mark.skipif(not native.available(),
+                                                                reason="no C compiler for the native kernel"))]
 
 KEYS = ("top1", "top3", "top5", "mAP")
 
@@ -221,14 +227,16 @@ def test_fast_equals_naive_leave_one_out(n: int, d: int, classes: int, metric: s
     _assert_close(got, naive_retrieval_metrics(x, y, x, y, metric=metric, topk=(1, 3, 5)))
 
 
+@pytest.mark.parametrize("use_native", COUNTING)
 @pytest.mark.parametrize("num_buckets", [0, 1, 5, 64, 5000])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_both_counting_methods_equal_naive(
-    monkeypatch: pytest.MonkeyPatch, num_buckets: int, metric: str
+    monkeypatch: pytest.MonkeyPatch, num_buckets: int, metric: str, use_native: bool
 ) -> None:
-    # Force the count: 0 = searchsorted; n buckets per row, from very coarse (nearly every
-    # item needs the exact search) to very fine.
+    # Force the count: 0 = searchsorted (torch; the kernel then picks its own count); n buckets
+    # per row, from very coarse (nearly every item needs the exact search) to very fine.
     monkeypatch.setattr(metrics_mod, "_FORCE_NUM_BUCKETS", num_buckets)
+    monkeypatch.setattr(metrics_mod, "_USE_NATIVE", use_native)
     make = _grid_data if metric == "l2" else _cosine_grid_data
     for n, d, classes in [(300, 2, 4), (300, 16, 60), (400, 32, 5)]:
         x, y = make(n, d, classes, seed=n * d)
@@ -237,11 +245,13 @@ def test_both_counting_methods_equal_naive(
         _assert_close(got, ref, keys=("top1", "top5", "mAP"))
 
 
+@pytest.mark.parametrize("use_native", COUNTING)
 @pytest.mark.parametrize("num_buckets", [1, 64])
 def test_bucket_counting_with_many_ties_and_duplicates(
-    monkeypatch: pytest.MonkeyPatch, num_buckets: int
+    monkeypatch: pytest.MonkeyPatch, num_buckets: int, use_native: bool
 ) -> None:
     monkeypatch.setattr(metrics_mod, "_FORCE_NUM_BUCKETS", num_buckets)
+    monkeypatch.setattr(metrics_mod, "_USE_NATIVE", use_native)
     gen = torch.Generator().manual_seed(3)
     # Integer points on a line: many exact duplicates (distance 0) and equal distances.
     x = torch.randint(-4, 5, (400, 1), generator=gen).float()
@@ -250,6 +260,41 @@ def test_bucket_counting_with_many_ties_and_duplicates(
         ref = naive_retrieval_metrics(x, y, x, y, exclude_self=exclude, topk=(1, 5))
         got = retrieval_metrics(x, y, x, y, exclude_self=exclude, chunk_size=50)
         _assert_close(got, ref, keys=("top1", "top5", "mAP"))
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_histogram_by_hand_and_against_searchsorted(threads: int) -> None:
+    # Row 0, positives 1, 2, 2 (sorted): items 0 / 1 / 1.5 / 2 / 3 / +inf have 0 / 0 / 1 / 1 / 3 /
+    # 3 positives strictly below -> histogram [2, 2, 0, 2]. Row 1 has no positive: all in bin 0.
+    keys = torch.tensor([[0.0, 1.0, 1.5, 2.0, 3.0, float("inf")], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    pos = torch.tensor([[1.0, 2.0, 2.0], [float("inf")] * 3])
+    npos = torch.tensor([3, 0])
+    for nb in (1, 2, 1000):
+        hist = native.count_below_histogram(keys, pos, npos, nb, threads=threads)
+        assert hist.tolist() == [[2, 2, 0, 2], [6, 0, 0, 0]]
+    # Random rows with many ties (integer keys), padding and +inf entries, against searchsorted.
+    gen = torch.Generator().manual_seed(0)
+    c, ng, p = 37, 500, 12
+    keys = torch.randint(-20, 20, (c, ng), generator=gen).float()
+    keys[:, 7] = float("inf")
+    npos = torch.randint(0, p + 1, (c,), generator=gen)
+    pos = torch.randint(-20, 20, (c, p), generator=gen).float()
+    pos[torch.arange(p)[None, :] >= npos[:, None]] = float("inf")
+    pos = pos.sort(1).values
+    want = torch.stack([torch.bincount(torch.searchsorted(pos[r], keys[r]), minlength=p + 1) for r in range(c)])
+    for nb in (1, 3, 64, 5000):
+        assert torch.equal(native.count_below_histogram(keys, pos, npos, nb, threads=threads), want)
+
+
+def test_native_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FCT_NATIVE", "0")
+    assert not native.available()
+    monkeypatch.setattr(metrics_mod, "_USE_NATIVE", None)
+    assert not metrics_mod._native_counting(torch.device("cpu"))
+    x, y = _grid_data(200, 8, 10, seed=1)
+    ref = naive_retrieval_metrics(x, y, x, y, exclude_self=True, topk=(1, 5))
+    _assert_close(retrieval_metrics(x, y, x, y, exclude_self=True), ref, keys=("top1", "top5", "mAP"))
 
 
 def test_auto_counting_picks_buckets_for_many_classes() -> None:

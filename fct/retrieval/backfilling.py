@@ -35,6 +35,7 @@ from fct.retrieval.metrics import (
     _chunk_starts,
     _chunk_stats,
     _keys,
+    _native_counting,
     _prepare_gallery,
     _query_blocks,
     _Workspace,
@@ -211,7 +212,7 @@ def backfilling_curves(
     kn_buf = torch.empty((c, ng), dtype=torch.float32, device=dev)
     ko_buf = torch.empty_like(kn_buf)
     mix_buf = torch.empty_like(kn_buf)
-    ws = _Workspace(c, ng, compute_map, dev)
+    ws = _Workspace(c, ng, compute_map, dev, native=compute_map and _native_counting(dev))
     blocks = _query_blocks(ql, gal_new, exclude_self)
     with full_precision_matmul():
         for s in _chunk_starts(nq, c, progress, desc="backfilling"):

@@ -60,6 +60,9 @@ _MAX_LOCAL_COMPARES = 8
 # (float32), the bucket value (float32), bucket index (int64), histogram bin (int32), a bool
 # mask, and the bucket table (int32, at most _MAX_BUCKET_FRACTION of a row).
 _BYTES_PER_PAIR = 4 + 4 + 8 + 4 + 1 + 4
+# The compiled counting kernel (fct.retrieval.native) on CPU blocks: None = when it compiles,
+# False = never (the torch path), True = always (an error when it cannot be built). Tests set it.
+_USE_NATIVE: bool | None = None
 
 
 def _as_labels(x: Any, n: int, name: str, device: torch.device) -> torch.Tensor:
@@ -290,14 +293,29 @@ def _query_blocks(q_labels: torch.Tensor, gal: _Gallery, exclude_self: bool) -> 
     return _QueryBlocks(start, count, self_col, in_block)
 
 
+def _native_counting(device: torch.device) -> bool:
+    """Whether the mAP pass counts with the compiled kernel (CPU only; see fct.retrieval.native)."""
+    if _USE_NATIVE is False or device.type != "cpu":
+        return False
+    from fct.retrieval import native
+
+    if native.available():
+        return True
+    if _USE_NATIVE:
+        raise RuntimeError("the compiled counting kernel could not be built (no C compiler?)")
+    return False
+
+
 class _Workspace:
     """Per-chunk buffers of the counting pass, allocated once: fresh multi-MB allocations
-    cost page faults on every chunk."""
+    cost page faults on every chunk. With the compiled kernel (``native``) the count needs
+    no (chunk, Ng) buffers of its own."""
 
-    def __init__(self, c: int, ng: int, compute_map: bool, device: torch.device) -> None:
+    def __init__(self, c: int, ng: int, compute_map: bool, device: torch.device, native: bool = False) -> None:
         self.work_f = torch.empty((c, ng), dtype=torch.float32, device=device)
         self.compute_map = compute_map
-        if compute_map:
+        self.native = native
+        if compute_map and not native:
             self.mask = torch.empty((c, ng), dtype=torch.bool, device=device)
             # Histogram bins, row * (P + 1) + count, at most c * (Ng + 1): int32 halves the
             # traffic; int64 only for chunks beyond 2^31 pairs.
@@ -337,8 +355,16 @@ def _chunk_stats(
         le_first = torch.le(keys, pos[:, :1], out=ws.work_f[:n]).sum(1).to(torch.int64)
         return _ChunkStats(npos, le_first - pos_le[:, 0], None)
 
-    below = ws.count[:n]
+    if ws.native:
+        from fct.retrieval import native
+
+        # The kernel scans the positives that share an item's bucket, so any count works: a
+        # forced one (tests), else as many as the torch path would use, at least one.
+        nb = _FORCE_NUM_BUCKETS or max(1, min(_BUCKETS_PER_POSITIVE * p, int(_MAX_BUCKET_FRACTION * ng)))
+        hist = native.count_below_histogram(keys, pos, npos, nb)
+        return _ap_from_histogram(hist, pos_le, npos, offs, p)
     nb = _num_buckets(p, ng)
+    below = ws.count[:n]
     if nb > 0:
         _count_below_buckets(
             nb, keys, pos, npos, below, ws.work_f[:n], ws.work_i[:n], ws.mask[:n], ws.table_for(nb)[:n]
@@ -348,6 +374,12 @@ def _chunk_stats(
         below.add_(torch.arange(0, n * (p + 1), p + 1, device=dev, dtype=below.dtype)[:, None])
     # below holds histogram bins row * (p + 1) + j: one flat bincount counts them all.
     hist = torch.bincount(below.view(-1), minlength=n * (p + 1)).view(n, p + 1)
+    return _ap_from_histogram(hist, pos_le, npos, offs, p)
+
+
+def _ap_from_histogram(hist: torch.Tensor, pos_le: torch.Tensor, npos: torch.Tensor, offs: torch.Tensor,
+                       p: int) -> _ChunkStats:
+    """AP per row from the (n, p + 1) histogram of "positives strictly below the item"."""
     # items <= p_k, minus positives <= p_k: negatives ranked ahead of positive k.
     neg_le = torch.cumsum(hist, 1)[:, :p] - pos_le
     k1 = (offs + 1).to(torch.float64)
@@ -382,7 +414,7 @@ def _rank_pass(
     per_pair = _BYTES_PER_PAIR if compute_map else 4 + 4
     c = min(chunk_size or auto_chunk(nq, ng, per_pair, dev), nq)
     key_buf = torch.empty((c, ng), dtype=torch.float32, device=dev)
-    ws = _Workspace(c, ng, compute_map, dev)
+    ws = _Workspace(c, ng, compute_map, dev, native=compute_map and _native_counting(dev))
     blocks = _query_blocks(q_labels, gal, exclude_self)
     for s in _chunk_starts(nq, c, progress):
         e = min(s + c, nq)

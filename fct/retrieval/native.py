@@ -1,0 +1,161 @@
+"""An optional compiled kernel for the mAP pass on the CPU: the per-row histogram of "positives
+strictly below each item" in one pass over the key block.
+
+The torch path of ``fct.retrieval.metrics`` needs about eight elementwise passes over each
+(chunk, Ng) block (bucket map, look-up, mask, histogram); this kernel does them in one loop per
+row, with the same bucketing idea (a monotone bucket map, a per-row table of "positives in lower
+buckets", exact comparisons only against the positives that share the item's bucket). It is
+plain C (no Python headers, no OpenMP: rows are split across Python threads, which ctypes runs
+without the GIL), compiled with the system's C compiler on first use into a per-user cache
+(``$XDG_CACHE_HOME/fct`` or ``~/.cache/fct``) and loaded with ctypes. Without a compiler, or with
+``FCT_NATIVE=0`` in the environment, ``available()`` is False and the torch path runs instead;
+both give identical results (tests check it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+/* For rows r0..r1 of a (c, ng) float32 key block with sorted positives pos (c, p) (the first
+   npos[r] of row r real, the rest +inf): hist[r, j] += 1 for every item whose key has exactly
+   j real positives strictly below it. hist is (c, p + 1) int64, zeroed by the caller.
+   scratch holds nb + 6 int32. nb: buckets spanning [pos[r, 0], pos[r, npos - 1]]. */
+void fct_count_below(const float *keys, const float *pos, const int64_t *npos, int64_t *hist,
+                     int64_t c, int64_t ng, int64_t p, int64_t nb, int64_t r0, int64_t r1,
+                     int32_t *scratch) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *k = keys + r * ng;
+        const float *q = pos + r * p;
+        int64_t *h = hist + r * (p + 1);
+        int64_t n = npos[r];
+        if (n <= 0) {
+            h[0] += ng;
+            continue;
+        }
+        float lo = q[0], hi = q[n - 1];
+        float width = (hi - lo) / (float)nb;
+        float floor_w = fabsf(lo) * 9.5367431640625e-07f; /* 2^-20 */
+        if (!(width >= floor_w)) width = floor_w;
+        if (!(width >= 1e-30f)) width = 1e-30f;
+        float origin = lo - 2.0f * width, scale = 1.0f / width, top = (float)(nb + 4);
+        /* first[b] = #{positives in buckets < b}, for b = 0 .. nb + 5 */
+        int32_t *first = scratch;
+        for (int64_t b = 0; b <= nb + 5; ++b) first[b] = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            float v = (q[i] - origin) * scale;
+            if (!(v >= 0.0f)) v = 0.0f;
+            if (v > top) v = top;
+            first[(int64_t)v + 1] += 1;
+        }
+        for (int64_t b = 1; b <= nb + 5; ++b) first[b] += first[b - 1];
+        for (int64_t j = 0; j < ng; ++j) {
+            float d = k[j];
+            float v = (d - origin) * scale;
+            if (!(v >= 0.0f)) v = 0.0f;
+            if (v > top) v = top;
+            int64_t b = (int64_t)v;
+            int32_t t = first[b], end = first[b + 1];
+            while (t < end && q[t] < d) ++t;
+            h[t] += 1;
+        }
+    }
+}
+"""
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fct"
+
+
+def _compile() -> Optional[ctypes.CDLL]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return None
+    tag = hashlib.sha256((_SOURCE + cc + sys.platform).encode()).hexdigest()[:16]
+    lib_path = _cache_dir() / f"fct_count_{tag}.so"
+    if not lib_path.is_file():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            src = Path(tmp) / "count.c"
+            src.write_text(_SOURCE)
+            out = Path(tmp) / "count.so"
+            r = subprocess.run([cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
+                               capture_output=True, text=True)
+            if r.returncode != 0 or not out.is_file():
+                return None
+            os.replace(out, lib_path)  # atomic: concurrent processes see a whole file or none
+    lib = ctypes.CDLL(str(lib_path))
+    fn = lib.fct_count_below
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled kernel can be used (compiled now if needed; False without a C
+    compiler, or when the environment sets FCT_NATIVE=0)."""
+    global _lib, _tried
+    if os.environ.get("FCT_NATIVE", "1") == "0":
+        return False
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _compile()
+            except OSError:
+                _lib = None
+    return _lib is not None
+
+
+def count_below_histogram(keys: torch.Tensor, pos: torch.Tensor, npos: torch.Tensor, nb: int,
+                          threads: Optional[int] = None) -> torch.Tensor:
+    """(c, p + 1) int64: row r's histogram of j = #{real positives of r strictly below the item}
+    over its ng items. keys (c, ng) float32, pos (c, p) float32 sorted (+inf past npos[r]),
+    npos (c,) int64, all contiguous on the CPU; nb >= 1 buckets per row. Call ``available()``
+    first."""
+    assert _lib is not None, "call available() first"
+    c, ng = keys.shape
+    p = pos.shape[1]
+    keys, pos, npos = keys.contiguous(), pos.contiguous(), npos.to(torch.int64).contiguous()
+    hist = torch.zeros((c, p + 1), dtype=torch.int64)
+    nt = max(1, min(threads or torch.get_num_threads(), c))
+    bounds = [c * i // nt for i in range(nt + 1)]
+    scratch = [torch.empty(nb + 6, dtype=torch.int32) for _ in range(nt)]
+    args = (keys.data_ptr(), pos.data_ptr(), npos.data_ptr(), hist.data_ptr(), c, ng, p, nb)
+
+    def run(i: int) -> None:
+        _lib.fct_count_below(*args, bounds[i], bounds[i + 1], scratch[i].data_ptr())
+
+    if nt == 1:
+        run(0)
+    else:
+        global _pool, _pool_size
+        with _lock:
+            if _pool is None or _pool_size < nt:
+                _pool, _pool_size = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="fct-count"), nt
+            pool = _pool
+        list(pool.map(run, range(nt)))
+    return hist
