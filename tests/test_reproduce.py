@@ -48,7 +48,7 @@ def test_regression_cpu_runs_both_scenarios(tmp_path):
     data = tiny_stand_in(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "fct.regression.quick", "--suite", "tinyimagenet", "--data-root",
-                        str(data), "--set", "epochs=1", "--set", "lr_policy_params.warmup_length=0"],
+                        str(data), "--quick"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "runs" / "regression_cpu"
@@ -63,8 +63,7 @@ def test_regression_cpu_runs_both_scenarios(tmp_path):
 def test_chain_cpu_runs_four_methods(tmp_path):
     data = tiny_stand_in(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "fct.chain_cpu", "--data-root", str(data), "--set", "epochs=1",
-                        "--set", "lr_policy_params.warmup_length=0"],
+    r = subprocess.run([sys.executable, "-m", "fct.chain_cpu", "--data-root", str(data), "--quick"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "chain_cpu" / "summary.json").read_text())

@@ -45,6 +45,12 @@ SUITES = {
                           "backbone_old.yaml", "backbone_bcwi_new_finetune_{scenario}.yaml",
                           "interpolate_bcwi_{scenario}.yaml"),
 }
+# --quick: every step, small (tests, or a first look at a new machine).
+QUICK = {
+    "backbone": ["epochs=1", "lr_policy_params.warmup_length=0", "dataset_params.batch_size=32"],
+    "interpolate": ["alphas=[0.0, 0.5, 1.0]", "fisher.max_samples=64", "batchnorm.num_batches=2",
+                    "dataset_params.batch_size=64"],
+}
 
 
 def _finetunes(suite: Suite, scenario: str) -> list:
@@ -60,6 +66,8 @@ def _finetunes(suite: Suite, scenario: str) -> list:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="digits")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: one epoch per model, three alphas, a small Fisher sample")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="override applied to every backbone config, e.g. --set epochs=1 (a smoke run)")
     p.add_argument("--data-root", default=None,
@@ -69,13 +77,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fct.pipeline import Step, run_steps
 
     suite = SUITES[args.suite]
-    overrides: dict[str, list[str]] = {"backbone": list(args.overrides)}
+    overrides: dict[str, list[str]] = {"backbone": [*(QUICK["backbone"] if args.quick else []), *args.overrides],
+                                       "interpolate": list(QUICK["interpolate"]) if args.quick else []}
     if args.suite == "tinyimagenet":
         root = Path(args.data_root) if args.data_root else DEFAULT_TINY
         if not (root / "train.npz").is_file() or not (root / "val.npz").is_file():
             raise UserError(f"the Tiny-ImageNet stand-in is not at {root} (train.npz, val.npz); give --data-root")
         data_set = f"dataset_params.data_root={os.path.abspath(root)}"
-        overrides = {"backbone": [data_set, *args.overrides], "interpolate": [data_set]}
+        overrides = {kind: [data_set, *sets] for kind, sets in overrides.items()}
     elif args.data_root:
         raise UserError("--data-root is for --suite tinyimagenet (digits is embedded)")
 
