@@ -149,7 +149,7 @@ def _resume_point(sidecar: Path, partial: Path, job: dict[str, Any]) -> int:
 
 
 def convert_embeddings(registry: Union[VersionRegistry, PathLike], src_version: str, dst_version: str,
-                       in_path: PathLike, out_path: PathLike, chunk_rows: int = 65536, progress: bool = True,
+                       in_path: PathLike, out_path: PathLike, chunk_rows: int = 8192, progress: bool = True,
                        device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
     """Bring the (N, d_src) embeddings in ``in_path`` into ``dst_version``'s space; write (N, d_dst)
     float32 to ``out_path`` (.npy, or .npz with ``features`` and the input's ``labels``).
@@ -233,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--to", dest="dst", required=True, help="version id to convert them to")
     p.add_argument("--input", required=True, help=".npy (N, d) or .npz with 'features' (+ 'labels')")
     p.add_argument("--output", required=True, help=".npy or .npz (features + labels) to write")
-    p.add_argument("--chunk-rows", type=int, default=65536,
+    p.add_argument("--chunk-rows", type=int, default=8192,
                    help="rows converted (and checkpointed) at a time")
     p.add_argument("--device", default="cpu", help="torch device that applies the maps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
