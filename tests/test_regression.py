@@ -280,6 +280,29 @@ def test_interrupted_sweep_resumes(tiny_models, tmp_path):
         run_sweep(other)
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_bn_batches_are_the_same_for_every_point(tiny_models, tmp_path, augment):
+    from fct.regression.sweep import SweepData
+
+    cfg = from_dict(InterpolationConfig, sweep_cfg(tiny_models, tmp_path, batchnorm={"num_batches": 3,
+                                                                                     "augment": augment}))
+    data = SweepData(cfg, old_classes=5, new_classes=10)
+    torch.manual_seed(123)
+    first, n = data.bn_batches()
+    first = list(first)
+    after = torch.rand(1)  # the global generator is left as it was
+    torch.manual_seed(999)
+    second = list(data.bn_batches()[0])
+    assert n == 3 and len(first) == 3
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)
+    plain = list(SweepData(from_dict(InterpolationConfig, sweep_cfg(tiny_models, tmp_path, batchnorm={
+        "num_batches": 3, "augment": False})), 5, 10).bn_batches()[0])
+    # the training transforms (random crop of the padded image, flip) change the pixels
+    assert all(torch.equal(a, b) for a, b in zip(first, plain)) == (not augment)
+
+
 def test_interpolation_config_errors(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="soup"):
         from_dict(InterpolationConfig, sweep_cfg(tiny_models, tmp_path, methods=["soup"],

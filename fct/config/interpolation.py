@@ -29,10 +29,14 @@ class FisherParams:
 @dataclass(frozen=True)
 class BatchNormParams:
     """Re-estimate BatchNorm running statistics of every interpolated model on training data
-    (the new model's classes, no augmentation, seeded shuffle)."""
+    (the new model's classes, seeded shuffle and seeded augmentation)."""
 
     recompute: bool = True
     num_batches: int = 50  # batches of dataset_params.batch_size (fewer if the data runs out)
+    # the training transforms (random crop, flip): the statistics the weights were trained with.
+    # false: the evaluation transforms, which shifts the statistics (BENCHMARKS.md: at alpha 1 the
+    # old model then loses ~2 points of accuracy against itself as trained)
+    augment: bool = True
 
     def __post_init__(self) -> None:
         if self.num_batches < 1:

@@ -104,7 +104,8 @@ class SweepData:
         dp = cfg.dataset_params
         self.cfg = cfg
         self.val = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
-        self.bn_train = build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=new_classes)
+        self.bn_train = build_dataset(dp.name, dp.data_root, "train", augment=cfg.batchnorm.augment,
+                                      num_classes=new_classes)
         self.fisher_train = build_dataset(dp.name, dp.data_root, "train", augment=False,
                                           num_classes=old_classes)
 
@@ -119,15 +120,19 @@ class SweepData:
         return self._loader(self.val, shuffle=False)
 
     def bn_batches(self) -> tuple[Any, int]:
-        """The first ``batchnorm.num_batches`` seeded-shuffled training batches (images only)."""
+        """The first ``batchnorm.num_batches`` seeded-shuffled training batches (images only),
+        the same images and the same random augmentation for every point of the sweep."""
         loader = self._loader(self.bn_train, shuffle=True, drop_last=True)  # BN cannot run on 1 sample
         n = min(self.cfg.batchnorm.num_batches, len(loader))
 
         def images():
-            for i, (x, _) in enumerate(loader):
-                if i >= n:
-                    break
-                yield x
+            # In-process loading draws the augmentation from the global generator: seed a fork of it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                for i, (x, _) in enumerate(loader):
+                    if i >= n:
+                        break
+                    yield x
         return images(), n
 
     def fisher_batches(self) -> tuple[DataLoader, int]:
