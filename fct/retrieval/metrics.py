@@ -23,6 +23,9 @@ comes from a binary search (``searchsorted``, ~20 ns per pair on a CPU core) or,
 bucketing: keys are mapped to fine buckets by a monotone map, one table look-up gives j for
 every item whose bucket holds no positive, and the few percent of items sharing a bucket with a
 positive get an exact binary search. Memory is O(chunk x Ng); no row is ever fully sorted.
+On the CPU the same count runs as one compiled loop per row when a C compiler is at hand
+(``fct.retrieval.native``, identical results, 2.5x faster); the torch ops are the fallback and
+the GPU path.
 """
 
 from __future__ import annotations
