@@ -12,18 +12,16 @@ and ``runs/chain_cpu/summary.json``. Every step resumes: rerun the command after
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from fct.cli import run_main
-from fct.errors import UserError
+from fct.pipeline import TINY_IMAGENET, tiny_imagenet_override
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tinyimagenet"
 OUT = Path("runs/chain_cpu")
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyimagenet100-32"
 # --quick: every step, small (tests, or a first look at a new machine).
 QUICK = {
     "backbone": ["epochs=1", "lr_policy_params.warmup_length=0", "dataset_params.batch_size=32"],
@@ -36,7 +34,7 @@ QUICK = {
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None,
-                   help=f"the Tiny-ImageNet stand-in (train.npz, val.npz); default {DEFAULT_DATA}")
+                   help=f"the Tiny-ImageNet stand-in (train.npz, val.npz); default {TINY_IMAGENET}")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: one epoch per model and map, no 2-D projections")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -46,10 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fct.compat.suite import ChainSuite, chain_summary, chain_table
     from fct.pipeline import run_steps, write_summary
 
-    root = Path(args.data_root) if args.data_root else DEFAULT_DATA
-    if not (root / "train.npz").is_file() or not (root / "val.npz").is_file():
-        raise UserError(f"the Tiny-ImageNet stand-in is not at {root} (train.npz, val.npz); give --data-root")
-    data_set = f"dataset_params.data_root={os.path.abspath(root)}"
+    data_set = tiny_imagenet_override(args.data_root)
     suite = ChainSuite(CONFIGS, v0="backbone_chain_v0.yaml", backbone="backbone_chain_{v}_{m}.yaml",
                        transformation="transformation_chain_fct_{h}.yaml", matrix="matrix_chain_{m}.yaml",
                        overrides=(("v2 independent", CONFIGS / "backbone_new.yaml"),))

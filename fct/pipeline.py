@@ -93,3 +93,17 @@ def backfilling_summary(results: dict[str, dict], aucs: Sequence[tuple[str, str,
 
 def write_summary(summary: dict, path: Path) -> None:
     atomic_write_json(summary, path)
+
+
+TINY_IMAGENET = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyimagenet100-32"
+
+
+def tiny_imagenet_override(data_root: str | None) -> str:
+    """The ``--set`` that points a Tiny-ImageNet config at ``data_root`` (default: the shared
+    stand-in beside the repository); a missing stand-in is a UserError naming the folder."""
+    from fct.errors import UserError
+
+    root = Path(data_root) if data_root else TINY_IMAGENET
+    if not (root / "train.npz").is_file() or not (root / "val.npz").is_file():
+        raise UserError(f"the Tiny-ImageNet stand-in is not at {root} (train.npz, val.npz); give --data-root")
+    return f"dataset_params.data_root={root.resolve()}"

@@ -12,18 +12,16 @@ and ``backfilling.png``. Every step resumes (rerun the command after an interrup
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from fct.cli import run_main
-from fct.errors import UserError
+from fct.pipeline import TINY_IMAGENET, tiny_imagenet_override
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tinyimagenet"
 OUT = Path("runs/reproduce_cpu")
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyimagenet100-32"
 
 CASES = [("old/old", "old_old", "-"), ("new/new", "new_new", "-"), ("new/old", "new_old", "-"),
          ("FCT new/h(old)", "new_h_fct", "no"), ("FCT new/h(old)", "new_h_fct_side", "yes"),
@@ -90,17 +88,15 @@ def _checks(rows: dict[tuple[str, str], dict[str, float]]) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None,
-                   help=f"the Tiny-ImageNet stand-in (train.npz, val.npz); default {DEFAULT_DATA}")
+                   help=f"the Tiny-ImageNet stand-in (train.npz, val.npz); default {TINY_IMAGENET}")
     p.add_argument("--quick", action="store_true", help="one epoch per step, 2 backfilling steps: a smoke run")
     args = p.parse_args(argv)
 
     from fct.pipeline import backfilling_summary, run_steps, write_summary
     from fct.report import format_table
 
-    data_root = Path(args.data_root) if args.data_root else DEFAULT_DATA
-    if not (data_root / "train.npz").is_file() or not (data_root / "val.npz").is_file():
-        raise UserError(f"the Tiny-ImageNet stand-in is not at {data_root} (train.npz, val.npz); give --data-root")
-    data_set = f"dataset_params.data_root={os.path.abspath(data_root)}"
+    data_set = tiny_imagenet_override(args.data_root)
+    data_root = Path(data_set.split("=", 1)[1])
     overrides = {kind: [data_set, *(QUICK[kind] if args.quick else [])] for kind in QUICK}
 
     t0 = time.perf_counter()

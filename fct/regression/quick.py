@@ -14,7 +14,6 @@ new model's accuracy). Every step resumes: rerun the command after an interrupti
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Sequence
 
 from fct.cli import run_main
 from fct.errors import UserError
+from fct.pipeline import TINY_IMAGENET, tiny_imagenet_override
 
 CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
-DEFAULT_TINY = CONFIGS.parent.parent / "shared" / "data" / "tinyimagenet100-32"
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="override applied to every backbone config, e.g. --set epochs=1 (a smoke run)")
     p.add_argument("--data-root", default=None,
-                   help=f"tinyimagenet only: the stand-in (train.npz, val.npz); default {DEFAULT_TINY}")
+                   help=f"tinyimagenet only: the stand-in (train.npz, val.npz); default {TINY_IMAGENET}")
     args = p.parse_args(argv)
     from fct.io import atomic_write_json
     from fct.pipeline import Step, run_steps
@@ -80,10 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides: dict[str, list[str]] = {"backbone": [*(QUICK["backbone"] if args.quick else []), *args.overrides],
                                        "interpolate": list(QUICK["interpolate"]) if args.quick else []}
     if args.suite == "tinyimagenet":
-        root = Path(args.data_root) if args.data_root else DEFAULT_TINY
-        if not (root / "train.npz").is_file() or not (root / "val.npz").is_file():
-            raise UserError(f"the Tiny-ImageNet stand-in is not at {root} (train.npz, val.npz); give --data-root")
-        data_set = f"dataset_params.data_root={os.path.abspath(root)}"
+        data_set = tiny_imagenet_override(args.data_root)
         overrides = {kind: [data_set, *sets] for kind, sets in overrides.items()}
     elif args.data_root:
         raise UserError("--data-root is for --suite tinyimagenet (digits is embedded)")
