@@ -315,9 +315,10 @@ class _Workspace:
     no (chunk, Ng) buffers of its own."""
 
     def __init__(self, c: int, ng: int, compute_map: bool, device: torch.device, native: bool = False) -> None:
-        self.work_f = torch.empty((c, ng), dtype=torch.float32, device=device)
         self.compute_map = compute_map
         self.native = native
+        if not (compute_map and native):
+            self.work_f = torch.empty((c, ng), dtype=torch.float32, device=device)
         if compute_map and not native:
             self.mask = torch.empty((c, ng), dtype=torch.bool, device=device)
             # Histogram bins, row * (P + 1) + count, at most c * (Ng + 1): int32 halves the
