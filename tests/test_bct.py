@@ -26,6 +26,7 @@ from fct.training.compat_losses import (
     map_features,
     old_class_means,
     old_classifier_rows,
+    synthesised_rows_from,
 )
 from fct.transformations import save_transformation
 
@@ -71,6 +72,16 @@ def test_synthesised_rows_are_old_class_means():
     means = old_class_means(_PoolingModel(), ds, [1, 2], 3, CPU, batch_size=2, num_workers=0)
     # class 1: values 3, 5, 4 -> mean 4 ; class 2: value 2
     assert torch.allclose(means, torch.tensor([[4.0, 8.0, 0.0], [2.0, 4.0, 0.0]]))
+
+
+def test_synthesised_rows_scaled_to_the_trained_rows_by_hand():
+    trained = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5 and 1 -> mean 3
+    means = torch.tensor([[6.0, 8.0], [0.0, 2.0], [0.0, 0.0]])  # norms 10, 2, 0
+    scaled = synthesised_rows_from(means, trained, "scaled")
+    assert torch.allclose(scaled, torch.tensor([[1.8, 2.4], [0.0, 3.0], [0.0, 0.0]]))  # an all-zero mean stays 0
+    assert torch.equal(synthesised_rows_from(means, trained, "mean"), means)
+    with pytest.raises(ValueError, match="unknown mode 'norm'"):
+        synthesised_rows_from(means, trained, "norm")
 
 
 def test_influence_loss_by_hand_two_classes():
@@ -135,6 +146,7 @@ def base_yaml(tmp_path, extra="", dim=16, classes=4, epochs=1):
     ("bct_params: {old_model_path: a.pt, influence_weight: .nan}", "bct_params.influence_weight"),
     ("bct_params: {old_model_path: ' '}", "bct_params.old_model_path is an empty path"),
     ("bct_params: {old_model_path: a.pt, lambda: 1}", "unknown key 'bct_params.lambda'"),
+    ("bct_params: {old_model_path: a.pt, synthesised_rows: norm}", "bct_params.synthesised_rows"),
     ("backward_params: {previous_model_paths: [a.pt], output_map_path: TMP/new.pt}",
      "output_map_path equals output_model_path"),
 ])
@@ -211,9 +223,11 @@ def assert_user_error(r, *fragments):
         assert f in r.stderr, (f, r.stderr)
 
 
-def test_bct_run_one_epoch(tmp_path):
+@pytest.mark.parametrize("rows_mode", [None, "mean"])
+def test_bct_run_one_epoch(tmp_path, rows_mode):
     old = save_backbone(tmp_path / "old.pt", trained=2).eval()
-    cfg = base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/old.pt, influence_weight: 0.5}}\n")
+    mode = "" if rows_mode is None else f", synthesised_rows: {rows_mode}"
+    cfg = base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/old.pt, influence_weight: 0.5{mode}}}\n")
     r = run_script("--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "4 old classifier rows (2 synthesised)" in r.stdout
@@ -221,10 +235,12 @@ def test_bct_run_one_epoch(tmp_path):
     bct = meta["bct"]
     assert bct["old_model_path"] == f"{tmp_path}/old.pt" and bct["influence_weight"] == 0.5
     assert len(bct["old_sha256"]) == 64 and bct["old_trained_classes"] == 2 and bct["synthesised_classes"] == [2, 3]
+    assert bct["synthesised_rows"] == (rows_mode or "scaled")
     load_model_file(tmp_path / "new.pt")
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["train_loss"] == pytest.approx(line["train_task_loss"] + 0.5 * line["train_influence_loss"], rel=1e-4)
-    # W_old': the old model's two trained rows, then the mean old feature of classes 2 and 3 (by hand)
+    # W_old': the old model's two trained rows, then the mean old feature of classes 2 and 3 (by hand),
+    # by default rescaled to the trained rows' mean norm
     rows = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["extra"]["bct_classifier"]
     ds = build_dataset("digits", "", "train", augment=False, num_classes=4)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -232,8 +248,11 @@ def test_bct_run_one_epoch(tmp_path):
     with torch.no_grad():
         feats = old(images).embedding
     want = torch.stack([feats[labels == c].mean(0) for c in (2, 3)])
+    trained = old.classifier.weight[:2].detach()
+    if rows_mode is None:
+        want = want / want.norm(dim=1, keepdim=True) * trained.norm(dim=1).mean()
     assert rows.shape == (4, 16)
-    assert torch.equal(rows[:2], old.classifier.weight[:2].detach())
+    assert torch.equal(rows[:2], trained)
     assert torch.allclose(rows[2:], want, atol=1e-5)
 
 

@@ -153,6 +153,10 @@ class BCTParams:
 
     old_model_path: str
     influence_weight: float = 1.0  # lambda
+    # a class the old model never saw: the direction of its mean old feature, scaled to the mean norm
+    # of the old classifier's trained rows ("scaled"), or the raw mean ("mean", protocols.md §5 read
+    # literally; several times longer than the trained rows, it can swamp the loss)
+    synthesised_rows: Literal["scaled", "mean"] = "scaled"
 
     def __post_init__(self) -> None:
         _check_path("bct_params.old_model_path", self.old_model_path)

@@ -158,7 +158,8 @@ def _bct_reference(cfg: BackboneConfig, backbone: nn.Module, mean_set: Any, num_
     else:
         rows, record = build_bct_reference(Path(p.old_model_path), p.influence_weight, backbone.embedding_dim,
                                            num_classes, mean_set, rt, batch_size=cfg.dataset_params.batch_size,
-                                           num_workers=cfg.dataset_params.num_workers)
+                                           num_workers=cfg.dataset_params.num_workers,
+                                           synthesised_rows=p.synthesised_rows)
         if dist.is_main():
             print(f"BCT: {rows.shape[0]} old classifier rows ({len(record['synthesised_classes'])} "
                   f"synthesised) from {p.old_model_path}", flush=True)

@@ -3,8 +3,9 @@
 BCT (``bct_params``): the new embedding also has to classify through the old model's frozen
 classifier, L = CE(W_new phi_new(x), y) + lambda * CE(W_old' phi_new(x), y). W_old' holds the old
 classifier's trained rows and, for every class the old model never saw, a synthesised row: the
-mean old-model embedding of that class's training images. The old model runs once, before
-training; a step costs one extra (N, D) x (D, C) product.
+mean old-model embedding of that class's training images, by default rescaled to the mean norm of
+the trained rows (``synthesised_rows``). The old model runs once, before training; a step costs one
+extra (N, D) x (D, C) product.
 
 Learned backward maps (``backward_params``, BC-Aligner): version k's backbone is trained jointly
 with a light map B_k: z_k -> z_{k-1}; with the frozen older maps B_{k-1}, ..., B_1 and the frozen
@@ -275,20 +276,37 @@ def old_class_means(old: nn.Module, dataset: Any, classes: Sequence[int], dim: i
 
 
 def build_bct_reference(path: Path, weight: float, embedding_dim: int, num_classes: int, mean_set: Any,
-                        rt: Runtime, *, batch_size: int, num_workers: int) -> tuple[torch.Tensor, dict[str, Any]]:
+                        rt: Runtime, *, batch_size: int, num_workers: int,
+                        synthesised_rows: str = "scaled") -> tuple[torch.Tensor, dict[str, Any]]:
     """W_old' (max(C_old, K), D) on the CPU and the record {old_model_path, old_sha256,
-    influence_weight, old_trained_classes, synthesised_classes}; K = classes trained now.
-    ``mean_set``: the training images, unaugmented, for the synthesised rows."""
+    influence_weight, old_trained_classes, synthesised_classes, synthesised_rows}; K = classes
+    trained now. ``mean_set``: the training images, unaugmented, for the synthesised rows;
+    ``synthesised_rows``: "scaled" or "mean" (:func:`synthesised_rows`)."""
     old, rows, c_old = old_classifier_rows(path, embedding_dim, mean_set[0][0][None])
     new_classes = list(range(c_old, num_classes))
     if new_classes:
         old = _frozen(old, rt)
         means = old_class_means(old, mean_set, new_classes, embedding_dim, rt, batch_size=batch_size,
                                 num_workers=num_workers)
-        rows = torch.cat([rows, means], dim=0)
+        rows = torch.cat([rows, synthesised_rows_from(means, rows, synthesised_rows)], dim=0)
     record = {"old_model_path": str(path), "old_sha256": file_sha256(path), "influence_weight": weight,
-              "old_trained_classes": c_old, "synthesised_classes": new_classes}
+              "old_trained_classes": c_old, "synthesised_classes": new_classes,
+              "synthesised_rows": synthesised_rows}
     return rows, record
+
+
+def synthesised_rows_from(means: torch.Tensor, trained_rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """The old classifier's rows for classes it never saw, from their mean old features (C_new, D).
+
+    "mean": the means themselves. "scaled": each mean rescaled to the mean norm of the trained rows
+    (C_old, D), so the synthesised logits are on the trained logits' scale (post-ReLU class means
+    are several times longer than trained rows and nearly parallel: raw, they swamp the loss)."""
+    if mode == "mean":
+        return means
+    if mode != "scaled":
+        raise ValueError(f"synthesised rows: unknown mode {mode!r} (scaled, mean)")
+    target = trained_rows.norm(dim=1).mean()
+    return means * (target / means.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @dataclass
