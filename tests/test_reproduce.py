@@ -76,6 +76,18 @@ def test_chain_cpu_runs_four_methods(tmp_path):
     assert r.stdout.count("== training") == 9  # 7 backbones, 2 FCT maps
 
 
+def test_chain_steps_evaluate_each_matrix_once_its_models_exist():
+    from fct.compat.suite import ChainSuite
+
+    suite = ChainSuite(REPO / "configs" / "tinyimagenet", v0="v0.yaml", backbone="{v}_{m}.yaml",
+                       transformation="{h}.yaml", matrix="matrix_{m}.yaml")
+    names = [s.name for s in suite.steps()]
+    assert names == ["chain v0", "chain v1 independent", "chain v2 independent", "chain FCT h01",
+                     "chain FCT h12", "matrix independent", "matrix fct",
+                     "chain v1 bct", "chain v2 bct", "matrix bct",
+                     "chain v1 backward", "chain v2 backward", "matrix backward"]
+
+
 @pytest.mark.parametrize("command", [["fct.reproduce"], ["fct.regression.quick", "--suite", "tinyimagenet"],
                                      ["fct.chain_cpu"]])
 def test_missing_data_is_a_user_error(tmp_path, command):

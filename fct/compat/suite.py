@@ -26,17 +26,27 @@ class ChainSuite:
     overrides: tuple[tuple[str, Path], ...] = ()
 
     def steps(self) -> list:
+        """v0 and the independent versions, the FCT maps between them, and those two matrices first;
+        then BCT and its matrix, then the backward maps and theirs: each matrix is evaluated as soon
+        as its models exist, so an interrupted run already has the finished ones."""
         from fct.pipeline import Step
 
         other = dict(self.overrides)
-        steps = [Step("backbone", "chain v0", other.get("v0", self.configs / self.v0))]
-        for m in CHAIN_METHODS[:-1]:
-            for v in ("v1", "v2"):
-                path = other.get(f"{v} {m}", self.configs / self.backbone.format(v=v, m=m))
-                steps.append(Step("backbone", f"chain {v} {m}", path))
+
+        def backbone(v: str, m: str) -> Step:
+            path = other.get(f"{v} {m}", self.configs / self.backbone.format(v=v, m=m))
+            return Step("backbone", f"chain {v} {m}", path)
+
+        def matrix(m: str) -> Step:
+            return Step("compat", f"matrix {m}", self.configs / self.matrix.format(m=m))
+
+        steps = [Step("backbone", "chain v0", other.get("v0", self.configs / self.v0)),
+                 backbone("v1", "independent"), backbone("v2", "independent")]
         steps += [Step("transformation", f"chain FCT {h}", self.configs / self.transformation.format(h=h))
                   for h in ("h01", "h12")]
-        steps += [Step("compat", f"matrix {m}", self.configs / self.matrix.format(m=m)) for m in CHAIN_METHODS]
+        steps += [matrix("independent"), matrix("fct")]
+        for m in ("bct", "backward"):
+            steps += [backbone("v1", m), backbone("v2", m), matrix(m)]
         return steps
 
 
