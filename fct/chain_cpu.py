@@ -7,6 +7,7 @@ the previous version's classifier), learned backward maps (each version trained 
 previous one), and FCT forward maps h01, h12 between the independent versions. Writes each
 compatibility matrix (JSON, heat-map PNG, 2-D projections) under ``runs/chain_cpu/matrix_<method>/``
 and ``runs/chain_cpu/summary.json``. Every step resumes: rerun the command after an interruption.
+``--methods backward,bct`` runs only those matrices and the models they need.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from fct.cli import run_main
+from fct.compat.suite import CHAIN_METHODS
+from fct.errors import UserError
 from fct.pipeline import TINY_IMAGENET, tiny_imagenet_override
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tinyimagenet"
@@ -37,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help=f"the Tiny-ImageNet stand-in (train.npz, val.npz); default {TINY_IMAGENET}")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: one epoch per model and map, no 2-D projections")
+    p.add_argument("--methods", default=",".join(CHAIN_METHODS),
+                   help="comma-separated methods whose matrices to run (default all: %(default)s); v0 and "
+                        "the independent versions are always trained, as every matrix's references")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="override applied to every backbone config, e.g. --set epochs=1 (a smoke run)")
     args = p.parse_args(argv)
@@ -44,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fct.compat.suite import ChainSuite, chain_summary, chain_table
     from fct.pipeline import run_steps, write_summary
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in CHAIN_METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(CHAIN_METHODS)}")
     data_set = tiny_imagenet_override(args.data_root)
     suite = ChainSuite(CONFIGS, v0="backbone_chain_v0.yaml", backbone="backbone_chain_{v}_{m}.yaml",
                        transformation="transformation_chain_fct_{h}.yaml", matrix="matrix_chain_{m}.yaml",
@@ -51,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.perf_counter()
     overrides = {kind: [data_set, *(sets if args.quick else [])] for kind, sets in QUICK.items()}
     overrides["backbone"] += args.overrides
-    run = run_steps(suite.steps(), overrides)
+    run = run_steps(suite.steps(methods), overrides)
     summary = {"chain": chain_summary(run.results), "step_seconds": run.seconds,
                "seconds": round(time.perf_counter() - t0, 1)}
     write_summary(summary, OUT / "summary.json")

@@ -88,6 +88,27 @@ def test_chain_steps_evaluate_each_matrix_once_its_models_exist():
                      "chain v1 backward", "chain v2 backward", "matrix backward"]
 
 
+def test_chain_steps_for_some_methods_keep_the_references():
+    from fct.compat.suite import ChainSuite
+
+    suite = ChainSuite(REPO / "configs" / "tinyimagenet", v0="v0.yaml", backbone="{v}_{m}.yaml",
+                       transformation="{h}.yaml", matrix="matrix_{m}.yaml")
+    names = [s.name for s in suite.steps(["backward"])]
+    assert names == ["chain v0", "chain v1 independent", "chain v2 independent",
+                     "chain v1 backward", "chain v2 backward", "matrix backward"]
+    assert [s.name for s in suite.steps(["fct"])][3:] == ["chain FCT h01", "chain FCT h12", "matrix fct"]
+    with pytest.raises(ValueError, match="bogus"):
+        suite.steps(["bogus"])
+
+
+def test_chain_cpu_unknown_method_is_a_user_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "fct.chain_cpu", "--methods", "backward,bogus"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--methods" in r.stderr and "bogus" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("command", [["fct.reproduce"], ["fct.regression.quick", "--suite", "tinyimagenet"],
                                      ["fct.chain_cpu"]])
 def test_missing_data_is_a_user_error(tmp_path, command):

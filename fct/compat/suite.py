@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from fct.report import format_table
 
@@ -25,12 +26,17 @@ class ChainSuite:
     matrix: str
     overrides: tuple[tuple[str, Path], ...] = ()
 
-    def steps(self) -> list:
+    def steps(self, methods: Sequence[str] = CHAIN_METHODS) -> list:
         """v0 and the independent versions, the FCT maps between them, and those two matrices first;
         then BCT and its matrix, then the backward maps and theirs: each matrix is evaluated as soon
-        as its models exist, so an interrupted run already has the finished ones."""
+        as its models exist, so an interrupted run already has the finished ones. ``methods`` keeps
+        only those matrices and the models they need (v0 and the independent versions always: they
+        are every matrix's references)."""
         from fct.pipeline import Step
 
+        unknown = [m for m in methods if m not in CHAIN_METHODS]
+        if unknown or not methods:
+            raise ValueError(f"chain methods must be some of {', '.join(CHAIN_METHODS)}; got {list(methods)}")
         other = dict(self.overrides)
 
         def backbone(v: str, m: str) -> Step:
@@ -42,11 +48,13 @@ class ChainSuite:
 
         steps = [Step("backbone", "chain v0", other.get("v0", self.configs / self.v0)),
                  backbone("v1", "independent"), backbone("v2", "independent")]
-        steps += [Step("transformation", f"chain FCT {h}", self.configs / self.transformation.format(h=h))
-                  for h in ("h01", "h12")]
-        steps += [matrix("independent"), matrix("fct")]
+        if "fct" in methods:
+            steps += [Step("transformation", f"chain FCT {h}", self.configs / self.transformation.format(h=h))
+                      for h in ("h01", "h12")]
+        steps += [matrix(m) for m in ("independent", "fct") if m in methods]
         for m in ("bct", "backward"):
-            steps += [backbone("v1", m), backbone("v2", m), matrix(m)]
+            if m in methods:
+                steps += [backbone("v1", m), backbone("v2", m), matrix(m)]
         return steps
 
 
@@ -54,7 +62,7 @@ def chain_summary(results: dict[str, dict], metric: str = "top1") -> dict:
     """Per method: the matrix of ``metric``, AC and AM (the compat step's JSON has every pair's
     criterion and update gain)."""
     out = {}
-    for m in CHAIN_METHODS:
+    for m in (m for m in CHAIN_METHODS if f"matrix {m}" in results):
         r = results[f"matrix {m}"][metric]
         out[m] = {metric: r["matrix"], "AC": r["AC"], "AM": r["AM"]}
     return out
