@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fct.cli import run_main
-from fct.compat.suite import CHAIN_METHODS
+from fct.compat.suite import CHAIN_METHODS, ChainSuite, chain_summary, chain_table
 from fct.errors import UserError
 from fct.pipeline import TINY_IMAGENET, tiny_imagenet_override
 
@@ -47,22 +47,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="override applied to every backbone config, e.g. --set epochs=1 (a smoke run)")
     args = p.parse_args(argv)
 
-    from fct.compat.suite import ChainSuite, chain_summary, chain_table
     from fct.pipeline import run_steps, write_summary
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in CHAIN_METHODS]
-    if unknown or not methods:
-        raise UserError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                        f"choose from {', '.join(CHAIN_METHODS)}")
-    data_set = tiny_imagenet_override(args.data_root)
     suite = ChainSuite(CONFIGS, v0="backbone_chain_v0.yaml", backbone="backbone_chain_{v}_{m}.yaml",
                        transformation="transformation_chain_fct_{h}.yaml", matrix="matrix_chain_{m}.yaml",
                        overrides=(("v2 independent", CONFIGS / "backbone_new.yaml"),))
+    try:
+        steps = suite.steps([m.strip() for m in args.methods.split(",") if m.strip()])
+    except ValueError as e:
+        raise UserError(f"--methods: {e}") from None
+    data_set = tiny_imagenet_override(args.data_root)
     t0 = time.perf_counter()
     overrides = {kind: [data_set, *(sets if args.quick else [])] for kind, sets in QUICK.items()}
     overrides["backbone"] += args.overrides
-    run = run_steps(suite.steps(methods), overrides)
+    run = run_steps(steps, overrides)
     summary = {"chain": chain_summary(run.results), "step_seconds": run.seconds,
                "seconds": round(time.perf_counter() - t0, 1)}
     write_summary(summary, OUT / "summary.json")

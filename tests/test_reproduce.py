@@ -76,11 +76,15 @@ def test_chain_cpu_runs_four_methods(tmp_path):
     assert r.stdout.count("== training") == 9  # 7 backbones, 2 FCT maps
 
 
-def test_chain_steps_evaluate_each_matrix_once_its_models_exist():
+def _names_only_suite():
     from fct.compat.suite import ChainSuite
 
-    suite = ChainSuite(REPO / "configs" / "tinyimagenet", v0="v0.yaml", backbone="{v}_{m}.yaml",
-                       transformation="{h}.yaml", matrix="matrix_{m}.yaml")
+    return ChainSuite(REPO / "configs" / "tinyimagenet", v0="v0.yaml", backbone="{v}_{m}.yaml",
+                      transformation="{h}.yaml", matrix="matrix_{m}.yaml")
+
+
+def test_chain_steps_evaluate_each_matrix_once_its_models_exist():
+    suite = _names_only_suite()
     names = [s.name for s in suite.steps()]
     assert names == ["chain v0", "chain v1 independent", "chain v2 independent", "chain FCT h01",
                      "chain FCT h12", "matrix independent", "matrix fct",
@@ -89,10 +93,7 @@ def test_chain_steps_evaluate_each_matrix_once_its_models_exist():
 
 
 def test_chain_steps_for_some_methods_keep_the_references():
-    from fct.compat.suite import ChainSuite
-
-    suite = ChainSuite(REPO / "configs" / "tinyimagenet", v0="v0.yaml", backbone="{v}_{m}.yaml",
-                       transformation="{h}.yaml", matrix="matrix_{m}.yaml")
+    suite = _names_only_suite()
     names = [s.name for s in suite.steps(["backward"])]
     assert names == ["chain v0", "chain v1 independent", "chain v2 independent",
                      "chain v1 backward", "chain v2 backward", "matrix backward"]
