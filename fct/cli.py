@@ -29,11 +29,9 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
 
     try:
         main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, RunError) as e:
+        if not _reported_elsewhere(e):
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
@@ -41,3 +39,14 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     finally:
         dist.shutdown()
     return 0
+
+
+def _reported_elsewhere(e: Exception) -> bool:
+    """Under torchrun, an error every rank meets alike (a config mistake, or rank 0's verdict on
+    the run folder) is printed by rank 0 alone, so the user reads it once."""
+    from fct import dist
+    from fct.errors import ConfigError
+
+    if getattr(e, "reported_by_main", False):
+        return True
+    return isinstance(e, ConfigError) and dist.planned_rank() != 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,16 @@ def is_main() -> bool:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def planned_world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun), known before ``init``."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
+def planned_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), known before ``init``."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
 
 
 def init(device_kind: str = "auto") -> torch.device:
@@ -80,6 +91,26 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main_for_all(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 only; an exception it raises is raised on every rank.
+
+    For checks of shared state (the run folder, its lock): without this, the other ranks would
+    wait at the next collective for a rank 0 that has stopped. On ranks other than 0 the
+    exception is marked ``reported_by_main`` so that only rank 0 prints it."""
+    error: Optional[BaseException] = None
+    if is_main():
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    if is_dist():
+        error = broadcast_object(error)  # type: ignore[assignment]
+        if error is not None and not is_main():
+            error.reported_by_main = True  # type: ignore[attr-defined]
+    if error is not None:
+        raise error
 
 
 def all_gather_variable(t: torch.Tensor) -> torch.Tensor:

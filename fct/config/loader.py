@@ -1,14 +1,18 @@
 """Strict conversion of YAML mappings into frozen dataclasses.
 
 Rules: an unknown key fails naming the key, the file and the closest valid keys; a value of the
-wrong type fails; a missing required key fails. Integers are accepted where a float is expected
-(YAML writes ``lr: 1`` as an int), never the reverse, and bools are never numbers.
+wrong type fails; a missing required key fails. A float field takes an int (YAML writes ``lr: 1``
+as an int) or a string that ``float()`` parses (YAML 1.1 reads ``lr: 1e-3`` as a string), and must
+be finite: no config float means anything sensible at inf or nan. An int field takes only ints
+(``1e3`` or ``"3"`` stay refused), and bools are never numbers. A key written twice in one YAML
+mapping fails naming both lines (PyYAML would keep the last one silently).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -23,16 +27,71 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """One YAML mapping writes a key twice: ``first`` and ``second`` are (text, 1-based line)."""
+
+    def __init__(self, first: tuple[str, int], second: tuple[str, int]) -> None:
+        (a, line_a), (b, line_b) = first, second
+        what = f"key {b!r} is written twice" if a == b else f"key {b!r} is the same key as {a!r}"
+        super().__init__(f"{what} (lines {line_a} and {line_b})")
+        self.first, self.second = first, second
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping, at any depth.
+
+    Plain SafeLoader keeps the last value silently, so a forgotten earlier line would win or lose
+    without a word. Keys brought in by a ``<<`` merge may still be overridden (that is its purpose).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, tuple[str, int]] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                here = (str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else str(key),
+                        key_node.start_mark.line + 1)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: the base class reports it with its position
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(first, here)
+                seen[key] = here
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    """One line for a YAML error, with the 1-based line and column PyYAML marked."""
+    if isinstance(e, DuplicateKeyError):
+        return str(e)
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        m = e.problem_mark
+        msg = f"not valid YAML at line {m.line + 1}, column {m.column + 1}: {e.problem}"
+        if e.context and e.context_mark is not None:
+            c = e.context_mark
+            msg += f" ({e.context} at line {c.line + 1}, column {c.column + 1})"
+        return msg
+    lines = str(e).splitlines()
+    return f"not valid YAML: {lines[0] if lines else type(e).__name__}"
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML file whose top level is a mapping; user errors become ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=StrictLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: {_yaml_error_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -41,7 +100,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, returning a copy."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, returning a copy.
+
+    ``lr=1e-3`` arrives as the string '1e-3' and ``lr=.inf`` as inf: from_dict's float rule
+    (numeric strings accepted, non-finite refused) covers both.
+    """
     import copy
 
     out = copy.deepcopy(data)
@@ -84,8 +147,33 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _NotFinite(ConfigError):
+    """A float field given inf or nan: reported as such even from inside an Optional."""
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float (maybe non-finite), or None when it is not a number.
+
+    Ints and strings ``float()`` parses count (YAML 1.1 reads ``1e-3`` as a string); bools do not.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an int too large for a float
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
-    """Check ``value`` against type ``tp`` and convert (nested dataclasses, lists, float from int)."""
+    """Check ``value`` against type ``tp`` and convert (nested dataclasses, lists, float from int or
+    numeric string; a non-finite float is refused)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -96,12 +184,13 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             for arg in get_args(tp):
                 if dataclasses.is_dataclass(arg):
                     return _convert(value, arg, where, source)
-        errors = []
         for arg in get_args(tp):
             try:
                 return _convert(value, arg, where, source)
-            except ConfigError as e:
-                errors.append(e)
+            except _NotFinite:
+                raise
+            except ConfigError:
+                pass
         raise ConfigError(
             f"{source}: {where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
         )
@@ -133,8 +222,11 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise _NotFinite(f"{source}: {where} must be a finite number, got {number}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

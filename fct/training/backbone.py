@@ -33,7 +33,7 @@ from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, evaluate_knn, simclr_loss_fn, two_view_collate
 from fct.transformations import save_transformation
-from fct.training.checkpoint import Checkpointer, write_resolved_config
+from fct.training.checkpoint import Checkpointer
 from fct.training.compat_losses import (
     BackwardAlignedModel,
     BCTReference,
@@ -44,8 +44,9 @@ from fct.training.compat_losses import (
     compatible_step,
     load_previous_versions,
 )
-from fct.training.loaders import eval_loader, train_loader
+from fct.training.loaders import check_global_batch, eval_loader, train_loader
 from fct.training.loop import evaluate_classification, image_step, train_one_epoch
+from fct.training.run_folder import open_run_folder
 from fct.training.runlog import RunLog
 
 
@@ -185,10 +186,11 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     With ``cfg.ssl_params`` the backbone is trained label-free (SimCLR); ``dataset_params.num_classes``
     then only selects the images (those of labels 0..K-1), whose labels serve the k-NN monitor only.
     """
+    dp, ssl = cfg.dataset_params, cfg.ssl_params
+    check_global_batch(dp.batch_size)  # before the process group starts: torchrun then stops cleanly
     rt = make_runtime(cfg.runtime)
     run_dir = cfg.run_dir
     config_dict = to_dict(cfg)
-    dp, ssl = cfg.dataset_params, cfg.ssl_params
     info = dataset_info(dp.name, dp.data_root)
     k = dp.num_classes or info.num_classes
     if ssl is None and k > cfg.arch_params.num_classes:
@@ -212,100 +214,119 @@ def train_backbone(cfg: BackboneConfig) -> dict:
                                                num_classes=dp.num_classes))
     val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
-    write_resolved_config(run_dir, config_dict)
-
-    seed_everything(cfg.seed)
-    backbone = build_backbone(**to_dict(cfg.arch_params))
-    model: nn.Module = backbone
-    if ssl is not None:
-        model = SimCLRModel(backbone, ProjectionHead(backbone.embedding_dim, ssl.projection_hidden_dim,
-                                                     ssl.projection_dim))
-    ckpt = Checkpointer(run_dir)
-    init_info = _init_from(cfg, backbone, ckpt)
-    mean_set = None if cfg.bct_params is None else train_split(
-        build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes))
-    bct = _bct_reference(cfg, backbone, mean_set, k, rt, ckpt)
-    previous = _previous_versions(cfg, val_set[0][0][None], rt)
-    if previous is not None:
-        # B_k is trained with the backbone: one module, so one optimizer and one checkpoint hold both
-        model = BackwardAlignedModel(backbone, build_backward_map(backbone.embedding_dim, previous.dims[0]))
-    model = rt.prepare_model(model)
-    optimizer = build_optimizer(model, cfg.optimizer_params)
-    scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
-
-    # A SimCLR run checkpoints backbone and head together, so a resume is exact.
-    start, last = ckpt.resume(model, optimizer, scaler, config_dict, cfg.epochs)
-
-    net = wrap_ddp(model, rt)
-    if cfg.runtime.compile:
-        net = torch.compile(net)
-    pin = rt.device.type == "cuda"
-    loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
-                                   seed=cfg.seed, pin_memory=pin,
-                                   collate_fn=None if ssl is None else two_view_collate)
-    val = eval_loader(val_set, global_batch=dp.batch_size, num_workers=dp.num_workers, pin_memory=pin)
-    lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
-    loss_fn = classification_loss(cfg.label_smoothing) if ssl is None else simclr_loss_fn(ssl.temperature)
-    step_fn = image_step(net, rt, loss_fn)
-    meter = LossMeter(rt.device)  # the loss components of the compatibility objectives
-    if bct is not None or previous is not None:
-        step_fn = compatible_step(net, rt, label_smoothing=cfg.label_smoothing, bct=bct, previous=previous,
-                                  meter=meter)
-    log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
-    extra_state: dict[str, Any] = {} if init_info is None else {"init_from": init_info}
-    if bct is not None:
-        extra_state.update(bct=bct.record, bct_classifier=bct.classifier.cpu())
-    try:
-        for epoch in range(start, cfg.epochs):
-            sampler.set_epoch(epoch)
-            # The model's own randomness (if any) is also a function of (seed, epoch) only.
-            torch.manual_seed(cfg.seed * 100_003 + epoch)
-            net.train()
-            train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
-            train.update(meter.averages())
-            if ssl is None:
-                metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
-            else:
-                train.pop("train_top1")  # no logits in label-free training: the loop's 0 means nothing
-                metrics = _knn_monitor(unwrap_model(net).backbone, memory_set, val_set, cfg, rt, epoch)
-            last = {"epoch": epoch, **train, **metrics, "time": time.time()}
-            ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
-                      extra={"last": last, **extra_state})
-            log.log_epoch(last)
-            if dist.is_main():
-                print(_epoch_line(epoch, cfg.epochs, train, metrics), flush=True)
-    finally:
-        log.close()
-    if dist.is_main():
-        meta: dict[str, Any] = {
-            "dataset": dp.name,
-            "trained_classes": k,
-            "epochs": cfg.epochs,
-            "seed": cfg.seed,
-            "code_version": fct.__version__,
-            "final_metrics": {kk: v for kk, v in last.items() if isinstance(v, (int, float))},
-        }
+    run = open_run_folder(run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg))
+    with run:
+        seed_everything(cfg.seed)
+        backbone = build_backbone(**to_dict(cfg.arch_params))
+        model: nn.Module = backbone
         if ssl is not None:
-            # trained_classes: the classes whose images were used, without their labels
-            ssl_meta = to_dict(ssl)
-            ssl_meta["augmentation"] = to_dict(train_set.view_transform.params)  # as resolved
-            meta.update(label_free=True, ssl=ssl_meta)
-        if init_info is not None:
-            meta["init_from"] = init_info
+            model = SimCLRModel(backbone, ProjectionHead(backbone.embedding_dim, ssl.projection_hidden_dim,
+                                                         ssl.projection_dim))
+        ckpt = run.checkpointer
+        init_info = _init_from(cfg, backbone, ckpt)
+        mean_set = None if cfg.bct_params is None else train_split(
+            build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes))
+        bct = _bct_reference(cfg, backbone, mean_set, k, rt, ckpt)
+        previous = _previous_versions(cfg, val_set[0][0][None], rt)
+        if previous is not None:
+            # B_k is trained with the backbone: one module, so one optimizer and one checkpoint hold both
+            model = BackwardAlignedModel(backbone, build_backward_map(backbone.embedding_dim, previous.dims[0]))
+        model = rt.prepare_model(model)
+        optimizer = build_optimizer(model, cfg.optimizer_params)
+        scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
+
+        # A SimCLR run checkpoints backbone and head together, so a resume is exact.
+        start, last = ckpt.resume(model, optimizer, scaler, config_dict, cfg.epochs)
+
+        net = wrap_ddp(model, rt)
+        if cfg.runtime.compile:
+            net = torch.compile(net)
+        pin = rt.device.type == "cuda"
+        loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
+                                       seed=cfg.seed, pin_memory=pin,
+                                       collate_fn=None if ssl is None else two_view_collate)
+        val = eval_loader(val_set, global_batch=dp.batch_size, num_workers=dp.num_workers, pin_memory=pin)
+        lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
+        loss_fn = classification_loss(cfg.label_smoothing) if ssl is None else simclr_loss_fn(ssl.temperature)
+        step_fn = image_step(net, rt, loss_fn)
+        meter = LossMeter(rt.device)  # the loss components of the compatibility objectives
+        if bct is not None or previous is not None:
+            step_fn = compatible_step(net, rt, label_smoothing=cfg.label_smoothing, bct=bct, previous=previous,
+                                      meter=meter)
+        log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
+        extra_state: dict[str, Any] = {} if init_info is None else {"init_from": init_info}
         if bct is not None:
-            meta["bct"] = bct.record
-        if previous is not None:
-            meta["backward"] = {**previous.record, "output_map_path": cfg.backward_params.output_map_path}
-        # Label-free: only the backbone is kept (its classifier is untrained); the head is dropped.
-        # Backward maps: the backbone and B_k go to their own files.
-        saved = unwrap_model(net).backbone if ssl is not None or previous is not None else unwrap_model(net)
-        save_model_file(cfg.output_model_path, saved, kind="backbone",
-                        arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
-        print(f"model written to {cfg.output_model_path}")
-        if previous is not None:
-            _save_backward_map(cfg, unwrap_model(net).backward_map, previous)
-    dist.barrier()
+            extra_state.update(bct=bct.record, bct_classifier=bct.classifier.cpu())
+        try:
+            for epoch in range(start, cfg.epochs):
+                sampler.set_epoch(epoch)
+                # The model's own randomness (if any) is also a function of (seed, epoch) only.
+                torch.manual_seed(cfg.seed * 100_003 + epoch)
+                net.train()
+                train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
+                train.update(meter.averages())
+                if ssl is None:
+                    metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
+                else:
+                    train.pop("train_top1")  # no logits in label-free training: the loop's 0 means nothing
+                    metrics = _knn_monitor(unwrap_model(net).backbone, memory_set, val_set, cfg, rt, epoch)
+                last = {"epoch": epoch, **train, **metrics, "time": time.time()}
+                ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
+                          extra={"last": last, **extra_state})
+                log.log_epoch(last)
+                if dist.is_main():
+                    print(_epoch_line(epoch, cfg.epochs, train, metrics), flush=True)
+        finally:
+            log.close()
+        if dist.is_main():
+            meta: dict[str, Any] = {
+                "dataset": dp.name,
+                "trained_classes": k,
+                "epochs": cfg.epochs,
+                "seed": cfg.seed,
+                "code_version": fct.__version__,
+                "final_metrics": {kk: v for kk, v in last.items() if isinstance(v, (int, float))},
+            }
+            if ssl is not None:
+                # trained_classes: the classes whose images were used, without their labels
+                ssl_meta = to_dict(ssl)
+                ssl_meta["augmentation"] = to_dict(train_set.view_transform.params)  # as resolved
+                meta.update(label_free=True, ssl=ssl_meta)
+            if init_info is not None:
+                meta["init_from"] = init_info
+            if bct is not None:
+                meta["bct"] = bct.record
+            if previous is not None:
+                meta["backward"] = {**previous.record, "output_map_path": cfg.backward_params.output_map_path}
+            # Label-free: only the backbone is kept (its classifier is untrained); the head is dropped.
+            # Backward maps: the backbone and B_k go to their own files.
+            saved = unwrap_model(net).backbone if ssl is not None or previous is not None else unwrap_model(net)
+            save_model_file(cfg.output_model_path, saved, kind="backbone",
+                            arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
+            print(f"model written to {cfg.output_model_path}")
+            if previous is not None:
+                _save_backward_map(cfg, unwrap_model(net).backward_map, previous)
+        dist.barrier()
     return last
+
+
+def _output_files(cfg: BackboneConfig) -> dict[str, Optional[str]]:
+    """The files a run writes besides its run folder, by config key."""
+    bp = cfg.backward_params
+    return {"output_model_path": cfg.output_model_path,
+            "backward_params.output_map_path": None if bp is None else bp.output_map_path}
+
+
+def _input_files(cfg: BackboneConfig) -> dict[str, Optional[str]]:
+    """The model files a run reads, by config key."""
+    files: dict[str, Optional[str]] = {"init_from": cfg.init_from}
+    if cfg.bct_params is not None:
+        files["bct_params.old_model_path"] = cfg.bct_params.old_model_path
+    if cfg.backward_params is not None:
+        for key in ("previous_model_paths", "previous_map_paths"):
+            for i, path in enumerate(getattr(cfg.backward_params, key)):
+                files[f"backward_params.{key}[{i}]"] = path
+    return files
 
 
 def _save_backward_map(cfg: BackboneConfig, backward_map: nn.Module, previous: PreviousVersions) -> None:

@@ -11,7 +11,7 @@ import yaml
 
 import fct
 from fct import dist
-from fct.errors import UserError
+from fct.errors import RunError, UserError
 from fct.io import atomic_torch_save, atomic_write_text
 from fct.models import unwrap_model
 
@@ -25,10 +25,17 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / "checkpoint.pt"
+        self._state: Optional[dict[str, Any]] = None
+        self._loaded = False
 
     def save(self, *, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scaler: Optional[torch.amp.GradScaler], config: dict, extra: Optional[dict] = None) -> None:
-        """Save the state after ``epoch`` epochs are complete (rank 0 only)."""
+        """Save the state after ``epoch`` epochs are complete (rank 0 only).
+
+        A model holding a non-finite parameter or buffer (e.g. an ``inf`` BatchNorm running
+        variance after a loss spike) is not saved: RunError on every rank, the last good
+        checkpoint kept."""
+        check_finite_state(unwrap_model(model), epoch)
         if dist.is_main():
             state = {
                 "format": FORMAT,
@@ -51,12 +58,7 @@ class Checkpointer:
         state = self.load()
         if state is None:
             return 0, {}
-        diff = _config_difference(state["config"], config)
-        if diff:
-            raise UserError(
-                f"{self.path} was written by a different config ({diff} changed); "
-                "set output_dir to a new folder, or delete the old run to start over"
-            )
+        self.check_config(config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -66,8 +68,27 @@ class Checkpointer:
             print(f"resuming {self.path.parent} after epoch {start}/{epochs}")
         return start, dict(state.get("extra", {}).get("last", {}))
 
+    def check_config(self, config: dict) -> None:
+        """Refuse to continue a checkpoint written by a different config, naming every changed key
+        (changes listed in RESUMABLE_CHANGES are allowed)."""
+        state = self.load()
+        if state is None:
+            return
+        diff = config_differences(state["config"], config)
+        if diff:
+            raise UserError(
+                f"{self.path} was written by a different config ({', '.join(diff)} changed); "
+                "set output_dir to a new folder, or delete the old run to start over"
+            )
+
     def load(self) -> Optional[dict[str, Any]]:
-        """The checkpoint's contents, or None when there is none."""
+        """The checkpoint's contents, or None when there is none; read from disk once per run."""
+        if not self._loaded:
+            self._state = self._read()
+            self._loaded = True
+        return self._state
+
+    def _read(self) -> Optional[dict[str, Any]]:
         if not self.path.exists():
             return None
         try:
@@ -81,7 +102,23 @@ class Checkpointer:
         return state
 
 
-def _config_difference(old: dict, new: dict) -> Optional[str]:
+def check_finite_state(model: torch.nn.Module, epoch: int) -> None:
+    """RunError (on every rank) when a parameter or buffer of ``model`` is not finite."""
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    flag = dist.all_reduce_sum(torch.tensor([0.0 if bad is None else 1.0],
+                                            device=next(iter(model.state_dict().values())).device))
+    if flag.item() > 0:
+        where = f"{bad} holds" if bad is not None else "another process's model holds"
+        raise RunError(
+            f"after epoch {epoch}, {where} a non-finite value (inf or nan); the checkpoint was not "
+            "written and the last good one is kept. Lower optimizer_params.lr, use precision fp32, "
+            "or check the data"
+        )
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Dotted paths of every config value that differs, except RESUMABLE_CHANGES."""
     old, new = dict(old), dict(new)
     for key in RESUMABLE_CHANGES:
         head, _, tail = key.partition(".")
@@ -90,7 +127,7 @@ def _config_difference(old: dict, new: dict) -> Optional[str]:
                 d[head] = {k: v for k, v in d[head].items() if k != tail}
             elif not tail:
                 d.pop(head, None)
-    return first_difference(old, new)
+    return all_differences(old, new)
 
 
 def write_resolved_config(run_dir: str | os.PathLike, config: dict) -> None:
@@ -100,14 +137,19 @@ def write_resolved_config(run_dir: str | os.PathLike, config: dict) -> None:
         atomic_write_text(yaml.safe_dump(config, sort_keys=False), Path(run_dir) / "config.yaml")
 
 
-def first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
-    """Dotted path of the first differing value between two nested mappings, or None."""
+def all_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every differing value between two nested mappings, in sorted key order."""
     if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
         for k in sorted(set(a) | set(b)):
-            d = first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-            if d:
-                return d
-        return None
+            out += all_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         a, b = list(a), list(b)
-    return None if a == b else (prefix or "<root>")
+    return [] if a == b else [prefix or "<root>"]
+
+
+def first_difference(a: Any, b: Any) -> Optional[str]:
+    """Dotted path of the first differing value between two nested mappings, or None."""
+    diff = all_differences(a, b)
+    return diff[0] if diff else None

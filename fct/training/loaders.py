@@ -77,6 +77,18 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+def check_global_batch(global_batch: int) -> None:
+    """Refuse a global batch that the processes torchrun started cannot share evenly. Called
+    before the process group starts, so every rank stops at once with exit code 2 (torchrun then
+    reports the exit code; only rank 0 prints the line)."""
+    w = dist.planned_world_size()
+    if global_batch % w != 0:
+        raise ConfigError(
+            f"dataset_params.batch_size={global_batch} (the global batch) is not divisible by the "
+            f"{w} processes"
+        )
+
+
 def per_process_batch(global_batch: int) -> int:
     w = dist.world_size()
     if global_batch % w != 0:

@@ -19,11 +19,11 @@ from fct.errors import ConfigError, UserError
 from fct.models import load_model_file, unwrap_model
 from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
-from fct.training.checkpoint import Checkpointer, write_resolved_config
 from fct.training.feature_cache import CachedBatches, build_feature_cache, embed_batch, file_digest
-from fct.training.loaders import eval_loader, train_loader
+from fct.training.loaders import check_global_batch, eval_loader, train_loader
 from fct.training.loop import StepFn, train_one_epoch
 from fct.training.backbone import wrap_ddp
+from fct.training.run_folder import open_run_folder
 from fct.training.runlog import RunLog
 from fct.transformations import (
     build_transformation,
@@ -123,6 +123,7 @@ class _ValBatches:
 
 def train_transformation(cfg: TransformationConfig) -> dict:
     """Train (or resume) h; write the transformation and the transformed old model."""
+    check_global_batch(cfg.dataset_params.batch_size)  # before the process group starts
     rt = make_runtime(cfg.runtime)
     run_dir = cfg.run_dir
     config_dict = to_dict(cfg)
@@ -140,75 +141,88 @@ def train_transformation(cfg: TransformationConfig) -> dict:
                               dp.train_fraction, dp.train_fraction_seed)
     val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
-    write_resolved_config(run_dir, config_dict)
-    seed_everything(cfg.seed)
-    h = rt.prepare_model(build_transformation(**to_dict(cfg.arch_params)))
-    h.to(memory_format=torch.contiguous_format)
-    val = _ValBatches(val_set, models, rt, dp.batch_size, dp.num_workers)
-    _check_dims(cfg, {k: v.shape[1] for k, v in val.batches[0][0].items()})
+    run = open_run_folder(run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg),
+                          output_folders={"feature_cache.dir": cfg.feature_cache.dir if cfg.feature_cache.enabled
+                                          else None})
+    with run:
+        seed_everything(cfg.seed)
+        h = rt.prepare_model(build_transformation(**to_dict(cfg.arch_params)))
+        h.to(memory_format=torch.contiguous_format)
+        val = _ValBatches(val_set, models, rt, dp.batch_size, dp.num_workers)
+        _check_dims(cfg, {k: v.shape[1] for k, v in val.batches[0][0].items()})
 
-    optimizer = build_optimizer(h, cfg.optimizer_params)
-    scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
-    ckpt = Checkpointer(run_dir)
-    start, last = ckpt.resume(h, optimizer, scaler, config_dict, cfg.epochs)
+        optimizer = build_optimizer(h, cfg.optimizer_params)
+        scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
+        ckpt = run.checkpointer
+        start, last = ckpt.resume(h, optimizer, scaler, config_dict, cfg.epochs)
 
-    per_process = dp.batch_size // dist.world_size()
-    if cfg.feature_cache.enabled:
-        key = {
-            "models": {k: file_digest(p) for k, p in (("old", cfg.old_model_path), ("new", cfg.new_model_path),
-                                                       ("side", cfg.side_info_model_path)) if p},
-            "data": [dp.name, str(Path(dp.data_root).resolve()) if dp.data_root else "", dp.num_classes]
-            + ([dp.train_fraction, dp.train_fraction_seed] if dp.train_fraction is not None else []),
-            "code": fct.__version__,
-        }
-        cache = build_feature_cache(models, train_set, views=cfg.feature_cache.views, seed=cfg.seed,
-                                    cache_dir=cfg.feature_cache.dir, key=key, rt=rt,
-                                    batch_size=per_process, num_workers=dp.num_workers)
-        batches: Any = CachedBatches(cache, batch_size=per_process, seed=cfg.seed, device=rt.device)
-        if dist.is_main():
-            print(f"training on cached features ({cache.views} views) in {cache.describe()}")
-    else:
-        loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
-                                       seed=cfg.seed, pin_memory=rt.device.type == "cuda")
-        batches = OnTheFly(loader, sampler, models, rt)
-
-    net = wrap_ddp(h, rt)
-    if cfg.runtime.compile:
-        net = torch.compile(net)
-    step_fn = feature_step(net, new_classifier, cfg)
-    lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
-    log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
-    try:
-        for epoch in range(start, cfg.epochs):
-            batches.set_epoch(epoch)
-            torch.manual_seed(cfg.seed * 100_003 + epoch)
-            net.train()
-            if cfg.switch_mode_to_eval and epoch >= cfg.epochs // 2:
-                set_bn_eval(net)
-            train = train_one_epoch(step_fn, batches, optimizer, lr_at, epoch, rt, scaler)
-            train.pop("train_top1", None)
-            metrics = validate(unwrap_model(net), val, new_classifier, cfg, rt)
-            last = {"epoch": epoch, **train, **metrics, "time": time.time()}
-            ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
-                      extra={"last": last})
-            log.log_epoch(last)
+        per_process = dp.batch_size // dist.world_size()
+        if cfg.feature_cache.enabled:
+            key = {
+                "models": {k: file_digest(p) for k, p in (("old", cfg.old_model_path), ("new", cfg.new_model_path),
+                                                           ("side", cfg.side_info_model_path)) if p},
+                "data": [dp.name, str(Path(dp.data_root).resolve()) if dp.data_root else "", dp.num_classes]
+                + ([dp.train_fraction, dp.train_fraction_seed] if dp.train_fraction is not None else []),
+                "code": fct.__version__,
+            }
+            cache = build_feature_cache(models, train_set, views=cfg.feature_cache.views, seed=cfg.seed,
+                                        cache_dir=cfg.feature_cache.dir, key=key, rt=rt,
+                                        batch_size=per_process, num_workers=dp.num_workers)
+            batches: Any = CachedBatches(cache, batch_size=per_process, seed=cfg.seed, device=rt.device)
             if dist.is_main():
-                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  val loss "
-                      f"{metrics['val_loss']:.4f}  val cos {metrics['val_cosine']:.3f}  "
-                      f"{train['images_per_s']:.0f} samples/s", flush=True)
-    finally:
-        log.close()
-    if dist.is_main():
-        hh = unwrap_model(net).eval()
-        arch = to_dict(cfg.arch_params)
-        meta = {"epochs": cfg.epochs, "seed": cfg.seed, "code_version": fct.__version__,
-                "old_model_path": cfg.old_model_path, "new_model_path": cfg.new_model_path,
-                "side_info_model_path": cfg.side_info_model_path,
-                "final_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
-        save_transformation(cfg.output_transformation_path, hh.cpu(), arch, meta)
-        save_transformed_old_model(cfg.output_transformed_old_model_path, cfg.old_model_path,
-                                   cfg.side_info_model_path, hh.cpu(), arch)
-        print(f"transformation written to {cfg.output_transformation_path}; transformed old model to "
-              f"{cfg.output_transformed_old_model_path}")
-    dist.barrier()
+                print(f"training on cached features ({cache.views} views) in {cache.describe()}")
+        else:
+            loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
+                                           seed=cfg.seed, pin_memory=rt.device.type == "cuda")
+            batches = OnTheFly(loader, sampler, models, rt)
+
+        net = wrap_ddp(h, rt)
+        if cfg.runtime.compile:
+            net = torch.compile(net)
+        step_fn = feature_step(net, new_classifier, cfg)
+        lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
+        log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
+        try:
+            for epoch in range(start, cfg.epochs):
+                batches.set_epoch(epoch)
+                torch.manual_seed(cfg.seed * 100_003 + epoch)
+                net.train()
+                if cfg.switch_mode_to_eval and epoch >= cfg.epochs // 2:
+                    set_bn_eval(net)
+                train = train_one_epoch(step_fn, batches, optimizer, lr_at, epoch, rt, scaler)
+                train.pop("train_top1", None)
+                metrics = validate(unwrap_model(net), val, new_classifier, cfg, rt)
+                last = {"epoch": epoch, **train, **metrics, "time": time.time()}
+                ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
+                          extra={"last": last})
+                log.log_epoch(last)
+                if dist.is_main():
+                    print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  val loss "
+                          f"{metrics['val_loss']:.4f}  val cos {metrics['val_cosine']:.3f}  "
+                          f"{train['images_per_s']:.0f} samples/s", flush=True)
+        finally:
+            log.close()
+        if dist.is_main():
+            hh = unwrap_model(net).eval()
+            arch = to_dict(cfg.arch_params)
+            meta = {"epochs": cfg.epochs, "seed": cfg.seed, "code_version": fct.__version__,
+                    "old_model_path": cfg.old_model_path, "new_model_path": cfg.new_model_path,
+                    "side_info_model_path": cfg.side_info_model_path,
+                    "final_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+            save_transformation(cfg.output_transformation_path, hh.cpu(), arch, meta)
+            save_transformed_old_model(cfg.output_transformed_old_model_path, cfg.old_model_path,
+                                       cfg.side_info_model_path, hh.cpu(), arch)
+            print(f"transformation written to {cfg.output_transformation_path}; transformed old model to "
+                  f"{cfg.output_transformed_old_model_path}")
+        dist.barrier()
     return last
+
+
+def _output_files(cfg: TransformationConfig) -> dict[str, Optional[str]]:
+    return {"output_transformation_path": cfg.output_transformation_path,
+            "output_transformed_old_model_path": cfg.output_transformed_old_model_path}
+
+
+def _input_files(cfg: TransformationConfig) -> dict[str, Optional[str]]:
+    return {"old_model_path": cfg.old_model_path, "new_model_path": cfg.new_model_path,
+            "side_info_model_path": cfg.side_info_model_path}

@@ -1,0 +1,103 @@
+"""What many test files need: the repo path, running a script as a user would, a free port,
+tiny model files and config writers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str, cwd: Optional[os.PathLike] = None, env_extra: Optional[dict] = None,
+               prefix: Sequence[str] = (), timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` from the repo root (or ``cwd``), output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([*prefix, sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``error: ...`` line a user mistake must produce (asserts there is only it)."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def write_backbones(folder: Path, specs: Sequence[tuple[str, int, int]] = (("old", 16, 0), ("new", 24, 1))) -> Path:
+    """Untrained CifarResNet20 model files ``folder/<name>.pt`` for (name, embedding_dim, seed)."""
+    import torch
+
+    from fct.models import build_backbone, save_model_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, dim, seed in specs:
+        torch.manual_seed(seed)
+        arch = {"arch": "CifarResNet20", "num_classes": 10, "embedding_dim": dim, "last_nonlin": True}
+        save_model_file(folder / f"{name}.pt", build_backbone(**arch), kind="backbone", arch_params=arch)
+    return folder
+
+
+def digits_backbone_config(folder: Path, epochs: int = 2, extra: str = "", name: str = "backbone.yaml") -> Path:
+    """A train_backbone.py config on the embedded digits data: model.pt and run/ in ``folder``."""
+    text = textwrap.dedent(f"""\
+        arch_params: {{arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}}
+        optimizer_params: {{algorithm: sgd, lr: 0.1, weight_decay: 0.0005, momentum: 0.9}}
+        dataset_params: {{name: digits, num_classes: 5, num_workers: 0, batch_size: 64}}
+        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 1}}
+        epochs: {epochs}
+        label_smoothing: 0.1
+        seed: 3
+        output_model_path: {folder}/model.pt
+        output_dir: {folder}/run
+        runtime: {{progress: false, tensorboard: false}}
+        """) + extra
+    p = folder / name
+    p.write_text(text)
+    return p
+
+
+def digits_transformation_config(folder: Path, models: Path, epochs: int = 2, extra: str = "",
+                                 name: str = "transformation.yaml") -> Path:
+    """A train_transformation.py config from ``models``/old.pt (16-d) to new.pt (24-d) on digits."""
+    text = textwrap.dedent(f"""\
+        old_model_path: {models}/old.pt
+        new_model_path: {models}/new.pt
+        arch_params: {{arch: MLP_BN_SIDE_PROJECTION, old_embedding_dim: 16, new_embedding_dim: 24, inner_dim: 32}}
+        optimizer_params: {{algorithm: adam, lr: 0.001}}
+        dataset_params: {{name: digits, num_workers: 0, batch_size: 64}}
+        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 0}}
+        epochs: {epochs}
+        seed: 7
+        feature_cache: {{enabled: true, views: 2, dir: {folder}/cache}}
+        output_transformation_path: {folder}/h.pt
+        output_transformed_old_model_path: {folder}/old_transformed.pt
+        output_dir: {folder}/run
+        runtime: {{progress: false, tensorboard: false}}
+        """) + extra
+    p = folder / name
+    p.write_text(text)
+    return p
+
+
+def snapshot(*paths: Path) -> dict[Path, bytes]:
+    """The bytes of every file under ``paths`` (files or folders), to assert nothing changed;
+    a run folder's ``.lock`` (which holds the last holder's PID) is left out."""
+    out: dict[Path, bytes] = {}
+    for p in paths:
+        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            if f.name != ".lock":
+                out[f] = f.read_bytes()
+    return out
