@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fct.data import DATASETS, build_dataset, dataset_info, prepare
+from fct.data import DATASETS, arrays, build_dataset, dataset_info, prepare
 from fct.data.transforms import CIFAR100_MEAN, CIFAR100_STD
 from fct.errors import ConfigError, UserError
 
@@ -141,6 +141,16 @@ def reference_layout(
                 images[str(path)] = img
                 i += 1
     return images
+
+
+@pytest.fixture(autouse=True)
+def stats_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test caches mean/std in a folder of its own (never ~/.cache) and starts with an empty
+    in-process memo."""
+    folder = tmp_path_factory.mktemp("fct-cache")
+    monkeypatch.setenv("FCT_CACHE_DIR", str(folder))
+    monkeypatch.setattr(arrays, "_MEMO", {})
+    return folder
 
 
 def write_npz(root: Path, n_train: int = 40, n_val: int = 10, size: int = 32, classes: int = 5) -> None:
@@ -342,7 +352,7 @@ def test_imagefolder_integer_names_and_errors(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- npz
-def test_npz_dataset_and_stats_cache(tmp_path: Path) -> None:
+def test_npz_dataset_and_stats_cache(tmp_path: Path, stats_cache: Path) -> None:
     write_npz(tmp_path)
     info = dataset_info("npz", str(tmp_path))
     with np.load(tmp_path / "train.npz") as z:
@@ -352,8 +362,11 @@ def test_npz_dataset_and_stats_cache(tmp_path: Path) -> None:
     np.testing.assert_allclose(info.mean, expected_mean, rtol=1e-10)
     np.testing.assert_allclose(info.std, expected_std, rtol=1e-10)
     assert (info.num_classes, info.image_size) == (5, 32)
-    cache = json.loads((tmp_path / "mean_std.json").read_text())
+    (cache_file,) = (stats_cache / "mean_std").iterdir()
+    cache = json.loads(cache_file.read_text())
     np.testing.assert_allclose(cache["mean"], expected_mean, rtol=1e-10)
+    assert cache["key"]["path"] == str((tmp_path / "train.npz").resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.npz", "val.npz"]  # data folder untouched
 
     val = build_dataset("npz", str(tmp_path), "val", augment=False, num_classes=2)
     assert val.labels.tolist() == [0, 1, 0, 1] and val.num_classes_total == 5
@@ -367,14 +380,59 @@ def test_npz_dataset_and_stats_cache(tmp_path: Path) -> None:
         assert torch.equal(xb, val[i][0]) and yb == val[i][1]
 
 
-def test_read_only_folder_gets_no_cache(tmp_path: Path) -> None:
-    write_npz(tmp_path / "ro", n_train=6, n_val=2)
-    (tmp_path / "ro").chmod(0o555)
+def _listing(folder: Path) -> dict[str, int]:
+    """name -> mtime_ns of everything under ``folder``, the folder itself included."""
+    out = {".": folder.stat().st_mtime_ns}
+    out.update({str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")})
+    return out
+
+
+def test_data_folder_is_never_written(tmp_path: Path, stats_cache: Path) -> None:
+    """The mean/std cache lives under $FCT_CACHE_DIR: a data folder, writable or not, is only read."""
+    for name, mode in (("rw", 0o755), ("ro", 0o555)):
+        root = tmp_path / name
+        write_npz(root, n_train=6, n_val=2)
+        before = _listing(root)
+        root.chmod(mode)
+        try:
+            dataset_info("npz", str(root))
+            build_dataset("npz", str(root), "val", augment=False)
+            build_dataset("npz", str(root), "train", augment=True)
+        finally:
+            root.chmod(0o755)
+        assert _listing(root) == before, name
+    assert len(list((stats_cache / "mean_std").iterdir())) == 2
+
+
+def test_stats_cache_is_reused_and_refreshed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_npz(tmp_path, n_train=6, n_val=2)
+    first = dataset_info("npz", str(tmp_path))
+    arrays._MEMO.clear()  # as in a new process: the stats come from the cache file
+    with monkeypatch.context() as m:
+        m.setattr(arrays, "pixel_mean_std", lambda *a, **k: pytest.fail("measured again"))
+        assert dataset_info("npz", str(tmp_path)) == first
+    # A train.npz replaced by another file (same size and shape) is measured again.
+    np.savez(tmp_path / "new.npz", images=np.full((6, 32, 32, 3), 7, np.uint8), labels=np.arange(6) % 5)
+    os.replace(tmp_path / "new.npz", tmp_path / "train.npz")
+    np.testing.assert_allclose(dataset_info("npz", str(tmp_path)).mean, [7 / 255] * 3)
+
+
+@pytest.mark.parametrize("cache", ["read-only folder", "a file"])
+def test_unwritable_stats_cache_still_computes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               cache: str) -> None:
+    target = tmp_path / "cache"
+    if cache == "a file":
+        target.write_text("not a folder")
+    else:
+        target.mkdir(mode=0o555)
+    monkeypatch.setenv("FCT_CACHE_DIR", str(target))
+    write_npz(tmp_path / "d", n_train=6, n_val=2)
     try:
-        build_dataset("npz", str(tmp_path / "ro"), "val", augment=False)
-        assert not (tmp_path / "ro" / "mean_std.json").exists()
+        info = dataset_info("npz", str(tmp_path / "d"))
     finally:
-        (tmp_path / "ro").chmod(0o755)
+        target.chmod(0o755)
+    assert len(info.mean) == 3
+    assert target.is_file() or not any(target.iterdir())
 
 
 def test_array_augmentation_is_crop_and_flip(tmp_path: Path) -> None:
@@ -445,6 +503,52 @@ def test_npz_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="valid: cifar100, digits, imagefolder, imagenet, npz"):
         dataset_info("cifar10", "")
     assert "npz" in DATASETS
+
+
+def _message(call) -> str:
+    with pytest.raises(UserError) as e:
+        call()
+    return str(e.value)
+
+
+def test_empty_npz_split_names_the_file(tmp_path: Path) -> None:
+    write_npz(tmp_path, n_train=6, n_val=2)
+    np.savez(tmp_path / "val.npz", images=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, np.int64))
+    assert _message(lambda: build_dataset("npz", str(tmp_path), "val", augment=False)) == (
+        f"{tmp_path}/val.npz holds no images (the val split is empty)")
+    os.replace(tmp_path / "val.npz", tmp_path / "train.npz")
+    for call in (lambda: dataset_info("npz", str(tmp_path)),
+                 lambda: build_dataset("npz", str(tmp_path), "train", augment=True)):
+        assert _message(call) == f"{tmp_path}/train.npz holds no images (the train split is empty)"
+
+
+def test_num_classes_keeping_no_image_names_file_key_and_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=1000 + np.arange(20))
+    np.savez(tmp_path / "val.npz", images=images[:4], labels=np.array([3, 4, 1010, 1019]))
+    assert _message(lambda: build_dataset("npz", str(tmp_path), "train", augment=True, num_classes=10)) == (
+        f"dataset_params.num_classes=10 keeps no image of {tmp_path}/train.npz: "
+        "its labels run from 1000 to 1019, none below 10")
+    # A split that the selection empties while the other keeps images: the val file is named.
+    assert len(build_dataset("npz", str(tmp_path), "val", augment=False, num_classes=5)) == 2
+    assert _message(lambda: build_dataset("npz", str(tmp_path), "val", augment=False, num_classes=3)) == (
+        f"dataset_params.num_classes=3 keeps no image of {tmp_path}/val.npz: its labels run from 3 to 1019, "
+        "none below 3")
+
+
+def test_image_folder_split_emptied_by_num_classes(tmp_path: Path) -> None:
+    img = np.zeros((4, 4, 3), np.uint8)
+    for c in ("0", "1", "7"):
+        write_png(tmp_path / "train" / c / "0.png", img)
+    write_png(tmp_path / "val" / "7" / "0.png", img)
+    assert len(build_dataset("imagefolder", str(tmp_path), "train", augment=False, num_classes=2)) == 2
+    message = _message(lambda: build_dataset("imagefolder", str(tmp_path), "val", augment=False, num_classes=2))
+    assert message == (f"dataset_params.num_classes=2 keeps no image of {tmp_path}/val: "
+                       "its labels run from 7 to 7, none below 2")
+    (tmp_path / "val" / "7" / "0.png").unlink()
+    assert _message(lambda: build_dataset("imagefolder", str(tmp_path), "val", augment=False)).startswith(
+        f"{tmp_path}/val holds no image files")
 
 
 # --------------------------------------------------------------------------- digits

@@ -22,6 +22,7 @@ from fct.models import (
     is_torchscript_file,
     load_model_file,
     model_num_params,
+    probe_model,
     read_model_file,
     save_model_file,
 )
@@ -475,3 +476,67 @@ def test_load_to_map_location(tmp_path) -> None:
         pytest.skip("no CUDA device: map_location='cuda' not exercised")
     on_gpu = load_model_file(path, map_location="cuda")
     assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Probing foreign (TorchScript) models with the data's images
+# --------------------------------------------------------------------------------------------
+
+
+class _Unrelated(nn.Module):
+    """A module that does not take images: torch.jit.save'd and given as a model path by mistake."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class _OneRow(nn.Module):
+    """Takes images but answers one row for the whole batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(0, 2, 3)).unsqueeze(0)
+
+
+def _scripted(tmp_path, module: nn.Module, name: str) -> str:
+    path = tmp_path / name
+    torch.jit.save(torch.jit.script(module), str(path))
+    return str(path)
+
+
+def test_probe_refuses_a_torchscript_model_that_does_not_take_the_images(tmp_path) -> None:
+    path = _scripted(tmp_path, _Unrelated(), "unrelated.pt")
+    load_model_file(path)  # without an example input nothing is run
+    for example in (torch.zeros(3, 8, 8), torch.zeros(5, 3, 8, 8)):
+        with pytest.raises(UserError) as info:
+            load_model_file(path, example_input=example)
+        message = str(info.value)
+        assert message.startswith(f"{path} does not take the data's images: on a batch of shape (2, 3, 8, 8) "
+                                  "it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied"), \
+            message
+        assert "\n" not in message and "TorchScript interpreter" not in message
+
+
+def test_probe_refuses_wrong_batch_size_and_accepts_a_fitting_model(tmp_path) -> None:
+    path = _scripted(tmp_path, _OneRow(), "one_row.pt")
+    with pytest.raises(UserError, match=r"one_row\.pt: on a batch of shape \(2, 3, 4, 4\) the model returns "
+                                        r"embeddings of shape \(1, 3\), expected \(2, D\)"):
+        load_model_file(path, example_input=torch.zeros(3, 4, 4))
+    good = load_model_file(_scripted(tmp_path, _SideInfo(), "side.pt"), example_input=torch.zeros(1, 3, 8, 8))
+    assert not good.training and good(torch.zeros(1, 3, 8, 8)).embedding.shape == (1, 128)
+
+
+def test_probe_model_keeps_mode_and_grad_state() -> None:
+    model = ScriptedEmbeddingModel(torch.jit.script(_SideInfo())).train()
+    probe_model(model, torch.randn(3, 6, 6), "side.pt")
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_own_model_files_are_not_probed(tmp_path, monkeypatch) -> None:
+    path, _ = _saved(tmp_path)
+    monkeypatch.setattr("fct.models.model_file.probe_model",
+                        lambda *a: pytest.fail("probed an fct model file"))
+    load_model_file(path, example_input=torch.zeros(3, 8, 8))

@@ -6,11 +6,12 @@ prepare_dataset.py writes and what /work/shared/data/tinyimagenet100-32 ships.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -20,7 +21,6 @@ from fct.data.transforms import ArrayTransform
 from fct.errors import UserError
 from fct.io import atomic_write_json
 
-STATS_FILE = "mean_std.json"
 # Per-channel (mean, std) of pixel values in [0, 1].
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -118,52 +118,83 @@ def pixel_mean_std(images: np.ndarray, chunk: int = 4096) -> Stats:
     return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
 
 
-def _file_key(path: Path) -> dict[str, int]:
+def stats_cache_dir() -> Path:
+    """Where derived statistics are cached: ``$FCT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fct``, else
+    ``~/.cache/fct``. Never the data folder, which may be read-only or shared."""
+    explicit = os.environ.get("FCT_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fct"
+
+
+def _file_key(path: Path) -> dict[str, Any]:
+    """The identity of a data file: resolved path, size, mtime and inode. A rewritten or replaced
+    file (even one renamed into place) gets a new key, so it is measured again."""
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _stats_file(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return stats_cache_dir() / "mean_std" / f"{digest}.json"
 
 
 def _writable(folder: Path) -> bool:
-    """Writable, and not marked read-only: root passes ``os.access`` even on an r-x folder such
-    as the shared data, which must stay untouched."""
-    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    """``folder``, or the nearest existing folder above it where it would be created, is writable
+    and not marked read-only (root passes ``os.access`` even on an r-x folder)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
-# Per process as well, so a read-only data folder is measured once, not on every build_dataset.
-_MEMO: dict[tuple[str, int, int], Stats] = {}
+# Per process as well, so a data file is measured once per process when nothing can be cached.
+_MEMO: dict[str, Stats] = {}
+
+
+def _read_cached(cache: Path, key: dict[str, Any]) -> Stats | None:
+    """The stats stored in ``cache`` for exactly ``key``; None when absent, stale or malformed."""
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") != key:
+            return None
+        m, sd = saved["mean"], saved["std"]
+        return (float(m[0]), float(m[1]), float(m[2])), (float(sd[0]), float(sd[1]), float(sd[2]))
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _write_cached(cache: Path, key: dict[str, Any], stats: Stats) -> None:
+    """Store ``stats`` atomically; a cache folder that cannot be written is skipped silently."""
+    if not _writable(cache.parent):
+        return
+    try:
+        atomic_write_json({"key": key, "mean": list(stats[0]), "std": list(stats[1])}, cache)
+    except OSError:
+        pass  # a cache only; the values are returned either way
 
 
 def cached_mean_std(train_path: Path, images: np.ndarray | None = None) -> Stats:
-    """Mean/std of the training images, cached in ``mean_std.json`` beside the data and in memory.
+    """Mean/std of the training images, cached under :func:`stats_cache_dir` and in memory.
 
-    The cache is keyed by the size and mtime of train.npz, so a rewritten file is measured again.
-    A read-only folder (such as the shared data) just means it is computed once per process.
-    ``images`` avoids reading the file again when the caller already holds it.
+    The cache is keyed by the identity of train.npz (:func:`_file_key`), so a rewritten file is
+    measured again. Nothing is ever written beside the data; an unwritable cache folder just
+    means it is computed once per process. ``images`` avoids reading the file again when the
+    caller already holds it.
     """
-    cache = train_path.parent / STATS_FILE
     key = _file_key(train_path)
-    memo_key = (str(train_path.resolve()), key["size"], key["mtime_ns"])
+    memo_key = json.dumps(key, sort_keys=True)
     if memo_key in _MEMO:
         return _MEMO[memo_key]
-    try:
-        saved = json.loads(cache.read_text())
-        if saved.get("train.npz") == key:
-            m, sd = saved["mean"], saved["std"]
-            _MEMO[memo_key] = ((m[0], m[1], m[2]), (sd[0], sd[1], sd[2]))
-            return _MEMO[memo_key]
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
-        pass  # absent or stale: measure
-    if images is None:
-        images, _ = load_arrays(train_path)
-    mean, std = pixel_mean_std(images)
-    _MEMO[memo_key] = (mean, std)
-    if _writable(train_path.parent):
-        try:
-            atomic_write_json({"train.npz": key, "mean": list(mean), "std": list(std)}, cache)
-            os.chmod(cache, 0o644)  # the temporary file it was written as is private
-        except OSError:
-            pass  # a cache only; the values are returned either way
-    return mean, std
+    cache = _stats_file(key)
+    stats = _read_cached(cache, key)
+    if stats is None:
+        if images is None:
+            images, _ = load_arrays(train_path)
+        stats = pixel_mean_std(images)
+        _write_cached(cache, key, stats)
+    _MEMO[memo_key] = stats
+    return stats
 
 
 class ArrayDataset(Dataset):

@@ -4,7 +4,8 @@
   with padding 1 (no flip). Mean/std measured on the training pixels.
 - `npz`: data_root/train.npz and val.npz (uint8 (N, H, W, 3) images, int64 labels). Train: random
   crop with padding H//8 (4 for 32x32) + horizontal flip. Mean/std measured on the training
-  pixels, cached in data_root/mean_std.json when the folder is writable.
+  pixels, cached under $FCT_CACHE_DIR (default ~/.cache/fct; see fct.data.arrays.stats_cache_dir),
+  never in the data folder, which fct only reads.
 - `cifar100`: the same array files (written by prepare_dataset.py), or the reference layout
   training/<class id>/*.png and validation/<class id>/*.png. 32x32; train: random crop with
   padding 4 + flip. The published CIFAR-100 mean/std.
@@ -13,7 +14,8 @@
 
 Evaluation transforms are deterministic: the array sets only normalise; the folder photo sets
 resize to 256 and centre-crop 224. ``num_classes=K`` keeps the samples with label < K (label ids,
-not folder order); see fct/data/folders.py for how folder names become labels.
+not folder order); see fct/data/folders.py for how folder names become labels. An empty split,
+or one that ``num_classes`` leaves empty, is a UserError naming the file or folder.
 """
 
 from __future__ import annotations
@@ -72,10 +74,21 @@ class DataSource(ABC):
 DATASETS: Registry[Callable[[str, str], DataSource]] = Registry("dataset")
 
 
-def kept_indices(labels: np.ndarray, num_classes: int | None, total: int, where: str) -> np.ndarray | None:
+def check_not_empty(labels: np.ndarray, source: str | Path, split: str) -> None:
+    """UserError naming ``source`` (the split's file or folder) when the split holds no image:
+    every consumer (batching, probing ``dataset[0]``) would fail later with an obscure error."""
+    if len(labels) == 0:
+        raise UserError(f"{source} holds no images (the {split} split is empty)")
+
+
+def kept_indices(
+    labels: np.ndarray, num_classes: int | None, total: int, where: str, source: str | Path = ""
+) -> np.ndarray | None:
     """Indices of the samples with label < num_classes; None keeps all.
 
-    A request for more classes than the data holds is a UserError, not a silent "all".
+    A request for more classes than the data holds is a UserError, not a silent "all"; so is a
+    selection that keeps no sample (e.g. labels 1000..1099 with num_classes=10): ``source``
+    names the split's file or folder in that message.
     """
     if num_classes is None:
         return None
@@ -83,7 +96,13 @@ def kept_indices(labels: np.ndarray, num_classes: int | None, total: int, where:
         raise UserError(f"dataset_params.num_classes must be a positive integer, got {num_classes!r}")
     if num_classes > total:
         raise UserError(f"dataset_params.num_classes={num_classes} but {where} has only {total} classes")
-    return np.flatnonzero(labels < num_classes)
+    keep = np.flatnonzero(labels < num_classes)
+    if keep.size == 0 and len(labels) > 0:
+        raise UserError(
+            f"dataset_params.num_classes={num_classes} keeps no image of {source or where}: its labels run "
+            f"from {int(labels.min())} to {int(labels.max())}, none below {num_classes}"
+        )
+    return keep
 
 
 def _check_split(split: str) -> None:
@@ -147,14 +166,14 @@ class DigitsSource(DataSource):
 
 # --------------------------------------------------------------------------- array folders
 def _array_num_classes(root: Path, hint: str) -> int:
-    labels = arrays.load_labels(arrays.npz_path(root, "train", hint))
-    if labels.size == 0:
-        raise UserError(f"{root / 'train.npz'} holds no samples")
+    path = arrays.npz_path(root, "train", hint)
+    labels = arrays.load_labels(path)
+    check_not_empty(labels, path, "train")
     return int(labels.max()) + 1
 
 
 def _array_info(name: str, root: Path, hint: str, stats: Stats | None) -> DatasetInfo:
-    """``stats`` None: measured on the training images (cached beside them)."""
+    """``stats`` None: measured on the training images (cached under the fct cache folder)."""
     total = _array_num_classes(root, hint)
     train = arrays.npz_path(root, "train", hint)
     size = arrays.read_shapes(train)["images"][0][1]
@@ -167,10 +186,11 @@ def _array_build(
 ) -> Dataset:
     path = arrays.npz_path(root, split, hint)
     images, labels = arrays.load_arrays(path)
-    total = int(labels.max()) + 1 if split == "train" and labels.size else _array_num_classes(root, hint)
-    if labels.size and labels.max() >= total:
+    check_not_empty(labels, path, split)
+    total = int(labels.max()) + 1 if split == "train" else _array_num_classes(root, hint)
+    if labels.max() >= total:
         raise UserError(f"{path} has label {labels.max()} but train.npz only labels 0..{total - 1}")
-    keep = kept_indices(labels, num_classes, total, str(root))
+    keep = kept_indices(labels, num_classes, total, str(root), path)
     if stats is None:
         stats = arrays.cached_mean_std(
             arrays.npz_path(root, "train", hint), images if split == "train" else None
@@ -254,7 +274,7 @@ def _folder_build(
     split_dir = train_dir if split == "train" else folders.find_split_dir(root, split, hint)
     samples = folders.scan_samples(split_dir, mapping)
     labels = np.array([s[1] for s in samples], dtype=np.int64)
-    keep = kept_indices(labels, num_classes, total, str(root))
+    keep = kept_indices(labels, num_classes, total, str(root), split_dir)
     if keep is not None:
         samples = [samples[i] for i in keep]
     return folders.ImageFileDataset(samples, transform, total, expected_size=expected_size)

@@ -13,6 +13,7 @@ accepted wherever a model path is: they are wrapped in :class:`ScriptedEmbedding
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
@@ -310,8 +311,59 @@ def _load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: 
     model.load_state_dict(state, strict=True)
 
 
-def load_model_file(path: PathLike, map_location: Device = "cpu") -> nn.Module:
-    """Build the model an fct-model file describes (or wrap a TorchScript file); eval mode, on map_location."""
+def _error_line(e: BaseException) -> str:
+    """The line of an exception's message that says what went wrong: the first, except for
+    TorchScript errors, whose message opens with a code traceback and ends with the error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    line = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript") else lines[0]
+    line = line if re.match(r"\w+(Error|Exception): ", line) else f"{type(e).__name__}: {line}"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def probe_model(model: nn.Module, example_input: torch.Tensor, path: PathLike) -> None:
+    """Run ``model`` once on a batch of 2 images shaped like the data's, so that a model file
+    that does not take them fails now, in one line naming the file, instead of deep in a run.
+
+    example_input: one image (C, H, W) or a batch (N, C, H, W) of the data (only its first image
+    is used, twice). Eval mode, no grad, on the model's device. UserError when the call fails or
+    does not return one embedding per image.
+    """
+    first = example_input if example_input.dim() == 3 else example_input[0]
+    if first.dim() != 3:
+        raise ValueError(f"example_input must be (C, H, W) or (N, C, H, W), got {tuple(example_input.shape)}")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    x = first.detach().to(device=device, dtype=torch.float32).unsqueeze(0).repeat(2, 1, 1, 1)
+    shape = tuple(x.shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except UserError:
+        raise  # already one line naming the file (e.g. a scripted model that returns no tensor)
+    except Exception as e:  # noqa: BLE001 - a foreign model fails in any way
+        raise UserError(f"{path} does not take the data's images: on a batch of shape {shape} it fails "
+                        f"with {_error_line(e)}") from None
+    finally:
+        model.train(was_training)
+    emb = out.embedding if isinstance(out, BackboneOutput) else out
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != shape[0]:
+        got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise UserError(f"{path}: on a batch of shape {shape} the model returns embeddings of shape {got}, "
+                        f"expected ({shape[0]}, D)")
+
+
+def load_model_file(path: PathLike, map_location: Device = "cpu",
+                    example_input: Optional[torch.Tensor] = None) -> nn.Module:
+    """Build the model an fct-model file describes (or wrap a TorchScript file); eval mode, on map_location.
+
+    example_input: an image (C, H, W) or batch of the data the model will see. A TorchScript file
+    (built outside fct, so nothing says what it takes) is then probed once with it
+    (:func:`probe_model`); fct's own model files are self-describing and are not probed.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file {path} does not exist")
@@ -324,7 +376,10 @@ def load_model_file(path: PathLike, map_location: Device = "cpu") -> nn.Module:
         except Exception as e:  # a corrupt archive surfaces as several error types
             detail = " ".join(str(e).split())[:120]
             raise UserError(f"{path}: cannot load TorchScript archive ({type(e).__name__}: {detail})") from None
-        return ScriptedEmbeddingModel(scripted, source=str(path)).eval()
+        wrapped = ScriptedEmbeddingModel(scripted, source=str(path)).eval()
+        if example_input is not None:
+            probe_model(wrapped, example_input, path)
+        return wrapped
 
     data = read_model_file(path)
     kind, arch_params = data["kind"], data["arch_params"]

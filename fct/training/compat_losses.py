@@ -235,7 +235,7 @@ def old_classifier_rows(path: Path, embedding_dim: int, probe: torch.Tensor) -> 
     UserError: missing file, no classifier (or an untrained one), another embedding width."""
     if not path.is_file():
         raise UserError(f"bct_params.old_model_path: model file {path} does not exist")
-    old = load_model_file(path)
+    old = load_model_file(path, example_input=probe)
     meta = _file_meta(path)
     classifier = getattr(old, "classifier", None)
     if not isinstance(classifier, nn.Linear):
@@ -335,7 +335,7 @@ def load_previous_versions(model_paths: Sequence[str], map_paths: Sequence[str],
         if not is_torchscript_file(p) and read_model_file(p)["kind"] == "transformation":
             raise UserError(f"backward_params.previous_model_paths[{i}]: {p} is a transformation (it maps "
                             "features), not a model of images")
-        m = load_model_file(p)
+        m = load_model_file(p, example_input=probe)
         dims.append(_embedding_dim(m, probe))
         models.append(_frozen(m, rt))
     maps = []

@@ -35,8 +35,9 @@ from fct.transformations import (
 Features = dict[str, torch.Tensor]  # 'old', 'new' and optionally 'side': (B, D) each
 
 
-def load_frozen(path: str, rt: Runtime) -> nn.Module:
-    model = rt.prepare_model(load_model_file(path, map_location="cpu")).eval()
+def load_frozen(path: str, rt: Runtime, example_input: Optional[torch.Tensor] = None) -> nn.Module:
+    """A frozen model in eval mode; a foreign (TorchScript) model is first tried on ``example_input``."""
+    model = rt.prepare_model(load_model_file(path, map_location="cpu", example_input=example_input)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -127,19 +128,20 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     rt = make_runtime(cfg.runtime)
     run_dir = cfg.run_dir
     config_dict = to_dict(cfg)
-    models = {"old": load_frozen(cfg.old_model_path, rt), "new": load_frozen(cfg.new_model_path, rt)}
+    dp = cfg.dataset_params
+    train_set = take_fraction(build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes),
+                              dp.train_fraction, dp.train_fraction_seed)
+    val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
+    example = val_set[0][0]
+    models = {"old": load_frozen(cfg.old_model_path, rt, example), "new": load_frozen(cfg.new_model_path, rt, example)}
     if cfg.side_info_model_path:
-        models["side"] = load_frozen(cfg.side_info_model_path, rt)
+        models["side"] = load_frozen(cfg.side_info_model_path, rt, example)
     new_classifier = getattr(unwrap_model(models["new"]), "classifier", None)
     if cfg.objective_params.discriminative_loss is not None and new_classifier is None:
         raise ConfigError(
             f"objective_params.discriminative_loss needs the new model's classifier, but {cfg.new_model_path} "
             "has none (a feature-only model)"
         )
-    dp = cfg.dataset_params
-    train_set = take_fraction(build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes),
-                              dp.train_fraction, dp.train_fraction_seed)
-    val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
     run = open_run_folder(run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg),
                           output_folders={"feature_cache.dir": cfg.feature_cache.dir if cfg.feature_cache.enabled
