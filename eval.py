@@ -14,7 +14,7 @@ def main(argv=None) -> None:
     from fct.config import EvalConfig, load_config
     from fct.evaluate import evaluate
 
-    evaluate(load_config(EvalConfig, args.config, args.overrides))
+    evaluate(load_config(EvalConfig, args.config, args.overrides), config_path=args.config)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def main(argv=None) -> None:
     from fct.config.interpolation import InterpolationConfig
     from fct.regression.sweep import run_sweep
 
-    run_sweep(load_config(InterpolationConfig, args.config, args.overrides))
+    run_sweep(load_config(InterpolationConfig, args.config, args.overrides), config_path=args.config)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import torch
 
 from fct import dist
 from fct.config.loader import to_dict
-from fct.config.schema import DatasetParams, EvalConfig
+from fct.config import DatasetParams, EvalConfig
 from fct.errors import UserError
 from fct.io import atomic_save_npy, atomic_write_json
+from fct.outputs import check_outputs
 from fct.report import format_table
 from fct.runtime import Runtime, make_runtime
 from fct.transformations.heads import uncertainty_score
@@ -69,9 +70,10 @@ def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddi
     from fct.models import load_model_file
     from fct.retrieval.features import extract_features, extract_features_and_uncertainty
 
-    model = load_model_file(model_path, map_location="cpu")
-    model = rt.prepare_model(model).eval()
     dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None)
+    # a foreign (TorchScript) model is first tried on one batch of the data's images
+    model = load_model_file(model_path, map_location="cpu", example_input=dataset[0][0])
+    model = rt.prepare_model(model).eval()
     kw = dict(batch_size=max(1, dp.batch_size // dist.world_size()), num_workers=dp.num_workers,
               device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last,
               progress=rt.params.progress)
@@ -85,15 +87,79 @@ def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddi
 
 
 def per_class_cmc(per_query: dict[str, torch.Tensor], labels: torch.Tensor,
-                  topk: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """CMC top-k per query class from the per-query rank of the nearest positive."""
+                  topk: tuple[int, ...]) -> dict[str, dict[str, float | int]]:
+    """CMC top-k per query class from the per-query rank of the nearest positive, with the
+    class's query count and how many of them have a positive (a query without one is a miss,
+    so a class of 0 such queries scores 0 for a reason the counts make visible)."""
     rank = per_query["first_positive_rank"].cpu()
     labels = labels.cpu()
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | int]] = {}
     for c in torch.unique(labels).tolist():
         r = rank[labels == c]
-        out[str(c)] = {f"top{k}": 100.0 * ((r >= 1) & (r <= k)).float().mean().item() for k in topk}
+        entry: dict[str, float | int] = {f"top{k}": 100.0 * ((r >= 1) & (r <= k)).float().mean().item()
+                                         for k in topk}
+        entry["queries"] = int(len(r))
+        entry["queries_with_positives"] = int((r >= 1).sum())
+        out[str(c)] = entry
     return out
+
+
+# Config keys of the files eval.py reads.
+INPUT_KEYS = ("query_model_path", "gallery_model_path", "query_features_path", "gallery_features_path",
+              "reference_query_model_path", "reference_gallery_model_path",
+              "reference_query_features_path", "reference_gallery_features_path")
+
+
+def _has_reference(cfg: EvalConfig) -> bool:
+    return cfg.reference_query_model_path is not None or cfg.reference_query_features_path is not None
+
+
+def _backfilling_plot_path(cfg: EvalConfig) -> Optional[str]:
+    """The backfilling plot: eval_params.backfilling_plot_path, else beside the reference's .npy
+    (same stem, .png), else beside the results (<stem>_backfilling.png), else none."""
+    ep = cfg.eval_params
+    if ep.backfilling_plot_path is not None:
+        return ep.backfilling_plot_path
+    base = ep.backfilling_result_path or cfg.results_path
+    if not base:
+        return None
+    return os.path.splitext(base)[0] + ("" if ep.backfilling_result_path else "_backfilling") + ".png"
+
+
+def output_files(cfg: EvalConfig) -> dict[str, Optional[str]]:
+    """Every file an evaluation of ``cfg`` writes, by the config key that sets it (None: not written)."""
+    from fct.regression.flips import _default_flips_path
+
+    ep = cfg.eval_params
+    files: dict[str, Optional[str]] = {"results_path": cfg.results_path}
+    if ep.backfilling is not None:
+        files["eval_params.backfilling_result_path"] = ep.backfilling_result_path
+        key = "eval_params.backfilling_plot_path"
+        files[key if ep.backfilling_plot_path is not None else f"{key} (its default)"] = \
+            _backfilling_plot_path(cfg)
+    if _has_reference(cfg):
+        files["flips_path" if cfg.flips_path else "flips_path (its default, beside results_path)"] = \
+            _default_flips_path(cfg)
+    return files
+
+
+def check_eval_outputs(cfg: EvalConfig, config_path: Optional[str] = None) -> None:
+    """Refuse, before any work, an output that is an input (it would be destroyed), a directory,
+    unwritable, or the same file as another output (one would silently replace the other)."""
+    files = output_files(cfg)
+    inputs: dict[str, Optional[str]] = {k: getattr(cfg, k) for k in INPUT_KEYS}
+    if config_path is not None:
+        inputs["--config"] = config_path
+    check_outputs(files=files, inputs=inputs)
+    seen: dict[Path, str] = {}
+    for key, path in files.items():
+        if not path:
+            continue
+        real = Path(path).resolve()
+        if real in seen:
+            raise UserError(f"{key} and {seen[real]} are the same file ({path}); "
+                            "give each output its own path")
+        seen[real] = key
 
 
 def _side(cfg: EvalConfig, side: str, rt: Runtime, cache: dict[str, Embeddings]) -> Embeddings:
@@ -134,10 +200,14 @@ def _leave_one_out(cfg: EvalConfig, q: Embeddings, g: Embeddings) -> bool:
 
 
 def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
-             cache: Optional[dict[str, Embeddings]] = None) -> dict:
-    """Run one evaluation case; returns the results dict (also written to ``cfg.results_path``)."""
+             cache: Optional[dict[str, Embeddings]] = None, config_path: Optional[str] = None) -> dict:
+    """Run one evaluation case; returns the results dict (also written to ``cfg.results_path``).
+
+    config_path: the config file the case came from, refused as an output like every input.
+    An undefined metric (mAP when no query has a positive) is None, never NaN."""
     from fct.retrieval import retrieval_metrics
 
+    check_eval_outputs(cfg, config_path)
     if cfg.eval_params.backfilling is not None:
         from fct.retrieval.backfilling import check_orderings
 
@@ -173,7 +243,7 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
             "dataset": to_dict(cfg.dataset_params) if cfg.dataset_params else None,
         },
     }
-    if cfg.reference_query_model_path is not None or cfg.reference_query_features_path is not None:
+    if _has_reference(cfg):
         # every rank: extracting the reference models' features is collective under torchrun
         _side(cfg, "reference_query", rt, cache)
         _side(cfg, "reference_gallery", rt, cache)
@@ -200,6 +270,9 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
             cols = [f"top{k}" for k in ep.topk] + (["mAP"] if ep.compute_map else [])
             print(format_table(["query", "gallery"] + cols,
                                [[Path(q.source).name, Path(g.source).name] + [result.get(c) for c in cols]]))
+            if ep.compute_map and result.get("mAP") is None:
+                print(f"mAP n/a: none of the {result.get('num_queries')} queries has a positive "
+                      "in the gallery")
             if cfg.results_path:
                 print(f"results written to {cfg.results_path}")
     return result
@@ -242,10 +315,7 @@ def _backfilling(cfg: EvalConfig, rt: Runtime, q: Embeddings, g: Embeddings, loo
                for name, c in curves.items()}
         atomic_save_npy(np.array(ref, dtype=object), ep.backfilling_result_path)
         out["result_path"] = ep.backfilling_result_path
-    plot_path = ep.backfilling_plot_path
-    if plot_path is None and (ep.backfilling_result_path or cfg.results_path):
-        base = ep.backfilling_result_path or cfg.results_path
-        plot_path = os.path.splitext(base)[0] + ("" if ep.backfilling_result_path else "_backfilling") + ".png"
+    plot_path = _backfilling_plot_path(cfg)
     if plot_path:
         plot_backfilling(curves, plot_path, title=f"new queries; gallery {Path(g.source).name} -> new")
         out["plot_path"] = plot_path

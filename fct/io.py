@@ -11,13 +11,32 @@ from typing import Any, Callable
 import torch
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux /proc); else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename.
+
+    The file gets the mode any tool would give a new file (0666 less the umask), not mkstemp's
+    0600. A write killed before the rename leaves ``.<name>.*.tmp``; training runs remove those
+    of their own outputs when they start (``fct.training.run_folder``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -39,7 +58,9 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+    """Strict JSON: a NaN or infinity raises ValueError instead of writing a file that strict
+    parsers reject (producers write null for an undefined metric)."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n", path)
 
 
 def atomic_save_npy(array: Any, path: str | os.PathLike) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 
 def _fmt(v: Any) -> str:
+    """Floats with two decimals; an undefined value (None, NaN, infinity) as 'n/a'."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.2f}"
-    return "-" if v is None else str(v)
+    return str(v)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

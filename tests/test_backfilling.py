@@ -187,3 +187,62 @@ def test_unknown_ordering_is_a_user_error(tmp_path):
     write_features(tmp_path, with_uncertainty=False)
     r = run_script("eval.py", "--config", str(eval_yaml(tmp_path, "[randm]")))
     assert r.returncode == 2 and "did you mean random" in r.stderr
+
+
+# --- hostile-user review (issue 13) ------------------------------------------------------------
+
+
+def _one_error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    # the reference's .npy written over the gallery's features
+    ("eval_params: {{backfilling: 3, backfilling_result_path: {d}/h_old.npz, leave_one_out: true}}\n",
+     "eval_params.backfilling_result_path is the input gallery_features_path"),
+    # the plot onto an existing folder
+    ("eval_params: {{backfilling: 3, backfilling_plot_path: {d}/plots, leave_one_out: true}}\n",
+     "eval_params.backfilling_plot_path: {d}/plots is a directory"),
+    # the reference's .npy and the results JSON on one file: one would silently replace the other
+    ("eval_params: {{backfilling: 3, backfilling_result_path: {d}/res.json, leave_one_out: true}}\n",
+     "are the same file"),
+])
+def test_backfilling_outputs_are_checked_before_any_work(tmp_path, extra, fragment):
+    write_features(tmp_path, with_uncertainty=False)
+    (tmp_path / "plots").mkdir()
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(f"query_features_path: {tmp_path}/new.npz\ngallery_features_path: {tmp_path}/h_old.npz\n"
+                   f"results_path: {tmp_path}/res.json\nruntime: {{progress: false}}\n"
+                   + extra.format(d=tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.npz")}
+    r = run_script("eval.py", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert fragment.format(d=tmp_path) in _one_error_line(r.stderr)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.npz")} == before
+    assert not (tmp_path / "res.json").exists() and list((tmp_path / "plots").iterdir()) == []
+
+
+def test_backfilling_map_is_null_without_positives(tmp_path):
+    # unique labels: no query has a positive, so every mAP point and AUC is undefined (null)
+    g = np.random.default_rng(0)
+    new = g.normal(size=(12, 4)).astype(np.float32)
+    np.savez(tmp_path / "new.npz", features=new, labels=np.arange(12))
+    np.savez(tmp_path / "h_old.npz", features=new + 0.5, labels=np.arange(12))
+    cfg = eval_yaml(tmp_path, "[random, distance]", "runtime: {progress: false}\n")
+    r = run_script("eval.py", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+
+    def reject(name):
+        raise ValueError(name)
+
+    res = json.loads((tmp_path / "res.json").read_text(), parse_constant=reject)
+    assert res["mAP"] is None and res["queries_with_positives"] == 0
+    for o in res["backfilling"]["orderings"].values():
+        assert o["queries_with_positives"] == 0
+        assert o["mAP"]["points"] == [None] * 5 and o["mAP"]["auc_mean"] is None and "note" in o["mAP"]
+        assert o["top1"]["points"] == [0.0] * 5
+    rnd = res["backfilling"]["orderings"]["random"]["mAP"]
+    assert rnd["auc_mean_std"] is None and rnd["points_std"] == [None] * 5
+    assert "n/a" in r.stdout and "nan" not in r.stdout.lower()

@@ -415,3 +415,107 @@ def test_plot_projection_writes_png(tmp_path):
         plot_projection(a, b, labels, ["v1", "v2"], tmp_path / "x.png", method="pca")
     with pytest.raises(UserError, match="same images"):
         plot_projection(a, b[:50], labels, ["v1", "v2"], tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile-user review (issue 13): NaN / infinite input rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _convert_cli(reg, inp, out, *extra):
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fct.compat.convert", "--registry", str(reg.root), "--from", "v1",
+           "--to", "v3", "--input", str(inp), "--output", str(out), "--chunk-rows", "4", "--no-progress",
+           *extra]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _rows_with_nonfinite(tmp_path):
+    x = np.random.default_rng(4).standard_normal((11, 4)).astype(np.float32)
+    x[5, 1] = np.nan
+    x[9, 0] = np.inf
+    np.save(tmp_path / "v1.npy", x)
+    return x
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_nonfinite_rows_warn_or_are_refused(chain, tmp_path, strict):
+    reg, maps = chain
+    x = _rows_with_nonfinite(tmp_path)
+    before = (tmp_path / "v1.npy").read_bytes()
+    out = tmp_path / "out" / "v3.npy"
+    r = _convert_cli(reg, tmp_path / "v1.npy", out, *(["--strict"] if strict else []))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{tmp_path / 'v1.npy'}: 2 of 11 rows hold NaN or infinite values" in lines[0]
+    assert "first at row 5" in lines[0]
+    assert (tmp_path / "v1.npy").read_bytes() == before
+    if strict:
+        assert r.returncode == 2 and lines[0].startswith("error:") and "--strict" in lines[0]
+        assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    else:
+        assert r.returncode == 0 and lines[0].startswith("warning:")
+        got = np.load(out)
+        ok = np.isfinite(x).all(1)
+        np.testing.assert_allclose(got[ok], _expected(maps, x)[ok], rtol=1e-5, atol=1e-5)
+        assert not np.isfinite(got[~ok]).all(1).any()  # passed through, flagged by the warning
+
+
+def test_nonfinite_count_survives_a_resume(chain, tmp_path, monkeypatch, capsys):
+    reg, _ = chain
+    _rows_with_nonfinite(tmp_path)
+    out_path = tmp_path / "v3.npy"
+    real_compose = VersionRegistry.compose
+    calls = []
+
+    def failing(self, edges, device="cpu"):
+        fn = real_compose(self, edges, device)
+
+        def apply(t):
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # during the third chunk: rows 0-7 are done, with row 5
+            calls.append(1)
+            return fn(t)
+
+        return apply
+
+    monkeypatch.setattr(VersionRegistry, "compose", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=4, progress=False)
+    saved = json.loads((tmp_path / ".v3.npy.progress.json").read_text())
+    assert (saved["done_rows"], saved["nonfinite_rows"], saved["first_nonfinite_row"]) == (8, 1, 5)
+    assert capsys.readouterr().err == ""  # the warning comes once, at the end
+    monkeypatch.setattr(VersionRegistry, "compose", real_compose)
+    summary = convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=4, progress=False)
+    assert summary["resumed_from_row"] == 8
+    assert (summary["nonfinite_rows"], summary["first_nonfinite_row"]) == (2, 5)  # rows 5 and 9
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning:") and "2 of 11 rows" in err
+    with pytest.raises(UserError, match="2 of 11 rows hold NaN or infinite values.*first at row 5"):
+        convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", tmp_path / "s.npy", strict=True,
+                           progress=False)
+    assert not (tmp_path / "s.npy").exists() and not (tmp_path / ".s.npy.progress.json").exists()
+
+
+def test_values_beyond_float32_count_as_infinite(chain, tmp_path, capsys):
+    import warnings
+
+    reg, _ = chain
+    x = np.random.default_rng(5).standard_normal((6, 4))
+    x[3, 2] = 1e300  # finite as float64, infinite for the float32 maps
+    np.save(tmp_path / "big.npy", x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow warning on top of ours
+        summary = convert_embeddings(reg, "v1", "v3", tmp_path / "big.npy", tmp_path / "o.npy",
+                                     progress=False)
+    assert (summary["nonfinite_rows"], summary["first_nonfinite_row"]) == (1, 3)
+    assert capsys.readouterr().err.startswith("warning:")
+
+
+def test_infinite_reference_is_refused():
+    with pytest.raises(UserError, match="reference_new_new for version v2 is inf"):
+        matrix_summary(M, ["v1", "v2", "v3"], "top1", reference_new_new={"v2": float("inf")})

@@ -100,3 +100,29 @@ def test_config_errors(chain, tmp_path):
     r = subprocess.run([sys.executable, "compat.py", "--config", str(bad)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "compatible_with" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_undefined_map_is_null_in_strict_json(chain, tmp_path, monkeypatch, capsys):
+    """Issue 13: when no query has a positive, mAP is undefined for every pair: the matrix entry is
+    null with the reason, never NaN, and the table shows n/a."""
+    import fct.retrieval
+
+    real = fct.retrieval.retrieval_metrics
+
+    def no_positives(*args, **kwargs):
+        res = real(*args, **kwargs)
+        return {**res, "mAP": None, "queries_with_positives": 0}
+
+    monkeypatch.setattr(fct.retrieval, "retrieval_metrics", no_positives)
+    cfg = load_config(ChainConfig, chain_yaml(chain, tmp_path), ["headline_metric=mAP"])
+    res = evaluate_chain(cfg)
+
+    def reject(name):
+        raise ValueError(name)
+
+    saved = json.loads((tmp_path / "matrix" / "matrix.json").read_text(), parse_constant=reject)
+    assert saved["mAP"]["matrix"] is None and saved["mAP"]["AM"] is None
+    assert saved["mAP"]["queries_with_positives"] == 0 and "undefined" in saved["mAP"]["note"]
+    assert saved["top1"]["matrix"][0][0] == pytest.approx(res["top1"]["matrix"][0][0])
+    assert not (tmp_path / "matrix" / "matrix_mAP.png").exists()
+    assert "mAP: n/a" in capsys.readouterr().out

@@ -162,3 +162,73 @@ def test_eval_under_torchrun_equals_single_process(tmp_path, models):
     b = json.loads((tmp_path / "two.json").read_text())
     for k in ("top1", "top5", "mAP", "num_queries"):
         assert a[k] == pytest.approx(b[k], abs=1e-6)
+
+
+# --- hostile-user review (issue 13): outputs that are inputs, undefined mAP -------------------
+
+
+def _strict_json(text):
+    """json.loads that refuses NaN / Infinity, as strict parsers do."""
+    def reject(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def _one_line(stderr, prefix):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("features", "results_path is the input query_features_path"),
+    ("link", "results_path is the input query_features_path"),  # the same file through a symlink
+    ("gallery_model", "results_path is the input gallery_model_path"),
+    ("config", "results_path is the input --config"),
+    ("folder", "is a directory"),
+])
+def test_eval_refuses_an_output_that_is_an_input(tmp_path, models, target, fragment):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", features=rng.normal(size=(20, 16)).astype(np.float32),
+             labels=rng.integers(0, 3, 20))
+    (tmp_path / "link.json").symlink_to(tmp_path / "f.npz")
+    (tmp_path / "out").mkdir()
+    results = {"features": tmp_path / "f.npz", "link": tmp_path / "link.json", "gallery_model": models["a"],
+               "config": tmp_path / "eval.yaml", "folder": tmp_path / "out"}[target]
+    if target == "gallery_model":
+        body = f"query_model_path: {models['b']}\ngallery_model_path: {models['a']}\n" + DIGITS
+    else:
+        body = (f"query_features_path: {tmp_path}/f.npz\ngallery_features_path: {tmp_path}/f.npz\n"
+                "runtime: {progress: false}\n")
+    cfg = eval_cfg(tmp_path, body + f"results_path: {results}\n")
+    guarded = [tmp_path / "f.npz", models["a"], models["b"], cfg]
+    before = [p.read_bytes() for p in guarded]
+    r = run_script("eval.py", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert fragment in _one_line(r.stderr, "error:")
+    assert [p.read_bytes() for p in guarded] == before
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_map_is_null_when_no_query_has_a_positive(tmp_path, rows):
+    # every label unique (or a single row): under leave-one-out no query has a positive
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "u.npz", features=rng.normal(size=(rows, 4)).astype(np.float32),
+             labels=np.arange(rows))
+    cfg = eval_cfg(tmp_path, f"""\
+        query_features_path: {tmp_path}/u.npz
+        gallery_features_path: {tmp_path}/u.npz
+        results_path: {tmp_path}/res.json
+        eval_params: {{per_class: true}}
+        runtime: {{progress: false}}
+        """)
+    r = run_script("eval.py", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    res = _strict_json((tmp_path / "res.json").read_text())
+    assert res["mAP"] is None and res["queries_with_positives"] == 0
+    assert res["top1"] == 0.0 and res["num_queries"] == rows
+    assert res["per_class"]["0"] == {"top1": 0.0, "top5": 0.0, "queries": 1, "queries_with_positives": 0}
+    assert "n/a" in r.stdout and "nan" not in r.stdout.lower()

@@ -338,3 +338,84 @@ def test_interpolate_script_end_to_end(tiny_models, tmp_path):
     assert (out / "models" / "soup_alpha0.5.pt").exists()
     again = run_script("interpolate.py", "--config", str(cfg))  # everything finished: nothing recomputed
     assert again.returncode == 0 and "resuming: 9 point(s)" in again.stdout, again.stderr[-2000:]
+
+
+# ------------------------------------------------------- hostile-user review (issue 13)
+
+
+def _one_error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["fisher_cache_is_the_old_model", "output_dir_is_the_old_model", "config"])
+def test_interpolate_refuses_outputs_that_are_inputs(tiny_models, tmp_path, case):
+    import shutil
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    old = out / "fisher.pt"  # the sweep's Fisher cache would replace it
+    shutil.copy(tiny_models / "old.pt", old)
+    cfg = tmp_path / "interp.yaml"
+    body = sweep_cfg(tiny_models, out, methods=["plain", "fisher"], alphas=[0.5])
+    if case == "fisher_cache_is_the_old_model":
+        body["old_model_path"], fragment = str(old), "output_dir/fisher.pt is the input old_model_path"
+    elif case == "output_dir_is_the_old_model":
+        body["output_dir"], fragment = str(old), "output_dir: " + str(old) + " is a file"
+    else:  # the run folder's config.yaml is the config given on the command line
+        cfg = out / "config.yaml"
+        fragment = "output_dir/config.yaml is the input --config"
+    cfg.write_text(json.dumps(body))
+    guarded = [old, tiny_models / "old.pt", tiny_models / "new1.pt", cfg]
+    before = [p.read_bytes() for p in guarded]
+    r = run_script("interpolate.py", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert fragment in _one_error_line(r.stderr)
+    assert [p.read_bytes() for p in guarded] == before
+    assert {p.name for p in out.iterdir()} == {"fisher.pt"} | ({"config.yaml"} if case == "config" else set())
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("cache", ["fisher_garbage", "fisher_malicious", "fisher_wrong_shape", "results_nan"])
+def test_damaged_cache_files_are_one_line_errors(tiny_models, tmp_path, cache):
+    import pickle
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    marker = tmp_path / "pwned"
+    if cache == "fisher_garbage":
+        path = out / "fisher.pt"
+        path.write_bytes(b"\x80\x04not a pickle at all" * 10)
+    elif cache == "fisher_malicious":
+        path = out / "fisher.pt"
+        path.write_bytes(pickle.dumps(_RunsCode(marker)))
+    elif cache == "fisher_wrong_shape":
+        # the right settings (so it would be used) but weights of another shape
+        from fct.io import file_sha256
+
+        path = out / "fisher.pt"
+        settings = {"labels": "true", "max_samples": 16, "normalize": "mean",
+                    "old_sha256": file_sha256(tiny_models / "old.pt")[:16], "seed": 0}
+        torch.save({"settings": settings, "fisher": {"conv1.weight": torch.ones(3)}}, path)
+    else:
+        path = out / "results.json"
+        path.write_text('{"settings": {}, "reference": {}, "points": {"plain@0": {"accuracy": NaN}}}')
+    cfg = tmp_path / "interp.yaml"
+    cfg.write_text(json.dumps(sweep_cfg(tiny_models, out, methods=["fisher"], alphas=[0.5],
+                                        batchnorm={"recompute": False})))
+    before = path.read_bytes()
+    r = run_script("interpolate.py", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr)
+    assert str(path) in line and "delete it" in line, line
+    assert path.read_bytes() == before and not marker.exists()

@@ -30,12 +30,13 @@ def _col(values: list[float]) -> torch.Tensor:
 def _assert_close(fast: dict, ref: dict, keys: tuple[str, ...] = KEYS, tol: float = 1e-4) -> None:
     for k in keys:
         a, b = fast[k], ref[k]
-        if isinstance(b, float) and math.isnan(b):
-            assert math.isnan(a), (k, fast, ref)
+        if b is None:
+            assert a is None, (k, fast, ref)
         else:
             assert abs(a - b) <= tol, (k, fast, ref)
     assert fast["num_queries"] == ref["num_queries"]
     assert fast["num_map_queries"] == ref["num_map_queries"]
+    assert fast["queries_with_positives"] == ref["queries_with_positives"]
 
 
 # ---------------------------------------------------------------- hand-worked cases
@@ -114,9 +115,13 @@ def test_query_label_absent_from_gallery_is_skipped() -> None:
     gy = torch.tensor([0, 1])
     got = retrieval_metrics(q, qy, g, gy, topk=(1,))
     assert got["top1"] == 50.0 and got["mAP"] == 100.0 and got["num_map_queries"] == 1
-    # No query with a positive: mAP is undefined.
+    assert got["queries_with_positives"] == 1
+    # No query with a positive: mAP is undefined: None (JSON null), never NaN.
     got = retrieval_metrics(q[1:], qy[1:], g, gy, topk=(1,))
-    assert got["top1"] == 0.0 and math.isnan(got["mAP"])
+    assert got["top1"] == 0.0 and got["mAP"] is None
+    assert got["queries_with_positives"] == 0 and got["num_map_queries"] == 0
+    ref = naive_retrieval_metrics(q[1:], qy[1:], g, gy, topk=(1,))
+    assert ref["mAP"] is None and ref["queries_with_positives"] == 0
 
 
 def test_cosine_uses_l2_normalisation() -> None:
@@ -331,6 +336,14 @@ def test_compute_map_false_gives_same_cmc() -> None:
     cmc = retrieval_metrics(x, y, x, y, exclude_self=True, compute_map=False, chunk_size=33)
     assert cmc["mAP"] is None and cmc["num_map_queries"] is None
     assert cmc["top1"] == full["top1"] and cmc["top5"] == full["top5"]
+    assert cmc["queries_with_positives"] == full["queries_with_positives"] == full["num_map_queries"]
+    # the count from labels alone (the FAISS path without mAP): labels 0, 0, 1, 2 and a gallery 0, 1, 1, 3
+    from fct.retrieval.metrics import queries_with_positives
+
+    ql, gl = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 3])
+    assert queries_with_positives(ql, gl, exclude_self=False) == 3  # label 2 is not in the gallery
+    assert queries_with_positives(ql, gl, exclude_self=True) == 2  # query 0's only positive is itself
+    assert queries_with_positives(y, y, exclude_self=True) == full["queries_with_positives"]
 
 
 # ---------------------------------------------------------------- k-NN backends

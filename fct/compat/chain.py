@@ -98,6 +98,9 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
 
     n = len(ids)
     mats = {m: np.full((n, n), np.nan) for m in METRICS}
+    # metric -> queries with a positive, for a metric some pair leaves undefined (mAP when no query
+    # has a positive: all pairs share the images, so then none is defined)
+    undefined: dict[str, int] = {}
     routes: list[list[Optional[str]]] = [[None] * n for _ in range(n)]
     for a, i in enumerate(ids):
         for b, j in enumerate(ids[: a + 1]):
@@ -116,7 +119,10 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
                 continue
             res = score(qf, gf, q.labels)
             for m in METRICS:
-                mats[m][a, b] = res[m]
+                if res[m] is None:
+                    undefined[m] = int(res["queries_with_positives"])
+                else:
+                    mats[m][a, b] = res[m]
 
     reference: dict[str, Optional[dict[str, float]]] = {}
     for v in cfg.versions:
@@ -127,6 +133,9 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     result: dict[str, Any] = {"versions": ids, "routes": routes, "config": to_dict(cfg),
                               "registry": str(reg.file), "headline_metric": cfg.headline_metric}
     for m in METRICS:
+        if m in undefined:
+            result[m] = _undefined_summary(m, ids, undefined[m])
+            continue
         ref = [reference[i][m] if i in reference and reference[i] else None for i in ids]
         result[m] = matrix_summary(mats[m], ids, m, ref)
         plot_matrix(mats[m], ids, out / f"matrix_{m}.png", title=f"{m} (%): query version (rows) x gallery version")
@@ -145,8 +154,17 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     return result
 
 
+def _undefined_summary(metric: str, ids: list[str], with_positives: int) -> dict[str, Any]:
+    """The JSON entry of a metric no pair defines: nulls and the reason (never NaN)."""
+    return {"metric": metric, "versions": ids, "matrix": None, "AC": None, "AM": None,
+            "queries_with_positives": with_positives,
+            "note": f"{metric} undefined: {with_positives} queries have a positive in the gallery"}
+
+
 def _table(result: dict[str, Any], ids: list[str], metric: str) -> str:
     summary = result[metric]
+    if summary["matrix"] is None:
+        return f"{metric}: n/a ({summary['note']})"
     rows = [[f"query {i}"] + [summary["matrix"][a][b] for b in range(len(ids))] for a, i in enumerate(ids)]
     head = format_table([f"{metric} (%)"] + [f"gallery {j}" for j in ids], rows)
     crit = [[p["query"], p["gallery"], p["value"], p["old_old"], "yes" if p["compatible"] else "no",

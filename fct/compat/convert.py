@@ -14,9 +14,15 @@ versions and the chain of edges (with the map files' hashes) are unchanged; othe
 conversion starts over. At the end the file is renamed onto the target (or packed into it for an
 ``.npz`` target) and the sidecar removed.
 
+Rows holding NaN or infinite values (as float32, what the maps see) are counted as they are
+converted (the count and the first such row are kept in the sidecar, so a resumed run reports the
+whole file) and converted as they are, with one ``warning:`` line on stderr at the end; with
+``strict`` (``--strict``) the whole input is scanned first and such a file is refused before
+anything is written.
+
 Command line::
 
-    python -m fct.compat.convert --registry DIR --from A --to B --input X.npy --output Y.npy
+    python -m fct.compat.convert --registry DIR --from A --to B --input X.npy --output Y.npy [--strict]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import struct
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -128,35 +135,81 @@ def _job(in_path: Path, src: str, dst: str, fingerprint: str, rows: int, dim: in
             "rows": rows, "dim": dim, "dtype": "float32"}
 
 
-def _resume_point(sidecar: Path, partial: Path, job: dict[str, Any]) -> int:
-    """Rows already converted by an interrupted run of the same job (0 when none or when anything changed)."""
+@dataclass
+class NonFinite:
+    """Rows holding NaN or infinite values: how many, and the first one (None when none)."""
+
+    count: int = 0
+    first: Optional[int] = None
+
+    def add(self, block: np.ndarray, offset: int) -> None:
+        """Count the non-finite rows of ``block``, rows ``offset``.. of the input."""
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if len(bad):
+            self.count += int(len(bad))
+            if self.first is None:
+                self.first = offset + int(bad[0])
+
+    def describe(self, path: Path, rows: int) -> str:
+        return (f"{path}: {self.count} of {rows} rows hold NaN or infinite values (as float32), "
+                f"first at row {self.first}")
+
+
+def _as_float32(block: np.ndarray) -> np.ndarray:
+    """A writable float32 copy of rows of the input; values beyond float32's range become
+    infinite (and are then counted) without numpy's overflow warning."""
+    with np.errstate(over="ignore"):
+        return np.array(block, dtype=np.float32)
+
+
+def scan_nonfinite(feats: np.ndarray, chunk_rows: int) -> NonFinite:
+    """The non-finite rows of ``feats`` (N, d), read chunk by chunk (a memmap is never loaded whole)."""
+    found = NonFinite()
+    for start in range(0, feats.shape[0], chunk_rows):
+        found.add(_as_float32(feats[start:start + chunk_rows]), start)
+    return found
+
+
+def _resume_point(sidecar: Path, partial: Path, job: dict[str, Any]) -> tuple[int, NonFinite]:
+    """Rows already converted by an interrupted run of the same job and the non-finite rows among
+    them ((0, none) when there is no such run or anything changed)."""
+    fresh = (0, NonFinite())
     if not (sidecar.is_file() and partial.is_file()):
-        return 0
+        return fresh
     try:
         saved = json.loads(sidecar.read_text())
     except (OSError, ValueError):
-        return 0
+        return fresh
     if not isinstance(saved, dict) or {k: saved.get(k) for k in job} != job:
-        return 0
-    done = saved.get("done_rows")
+        return fresh
+    done, count, first = saved.get("done_rows"), saved.get("nonfinite_rows"), saved.get("first_nonfinite_row")
     if not isinstance(done, int) or not 0 <= done <= job["rows"]:
-        return 0
+        return fresh
+    if not isinstance(count, int) or not 0 <= count <= done:
+        return fresh
+    if not (first is None and count == 0 or isinstance(first, int) and count > 0 and 0 <= first < done):
+        return fresh
     try:
         existing = np.load(partial, mmap_mode="r")
     except (OSError, ValueError):
-        return 0
-    return done if existing.shape == (job["rows"], job["dim"]) and existing.dtype == np.float32 else 0
+        return fresh
+    if existing.shape != (job["rows"], job["dim"]) or existing.dtype != np.float32:
+        return fresh
+    return done, NonFinite(count, first)
 
 
 def convert_embeddings(registry: Union[VersionRegistry, PathLike], src_version: str, dst_version: str,
                        in_path: PathLike, out_path: PathLike, chunk_rows: int = 8192, progress: bool = True,
-                       device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+                       device: Union[str, torch.device] = "cpu", strict: bool = False) -> dict[str, Any]:
     """Bring the (N, d_src) embeddings in ``in_path`` into ``dst_version``'s space; write (N, d_dst)
     float32 to ``out_path`` (.npy, or .npz with ``features`` and the input's ``labels``).
 
     Resumable (see the module docstring). An .npz target is packed at the end by streaming the
     finished memmap through ``np.savez`` (the rows are not copied into memory; labels are).
-    Returns a summary: rows, dims, the chain of edges, the row it resumed from.
+    Input rows with NaN or infinite values are converted as they are with a ``warning:`` line on
+    stderr; ``strict`` refuses such an input (UserError) before writing anything.
+    Returns a summary: rows, dims, the chain of edges, the row it resumed from, the non-finite
+    input rows (``nonfinite_rows``, ``first_nonfinite_row``).
     """
     reg = registry if isinstance(registry, VersionRegistry) else VersionRegistry.open(registry)
     in_path, out_path = Path(in_path), Path(out_path)
@@ -174,11 +227,15 @@ def convert_embeddings(registry: Union[VersionRegistry, PathLike], src_version: 
         raise UserError(f"{in_path} holds {feats.shape[1]}-d embeddings, but version {src.id} has "
                         f"dim {src.dim}")
     fn = reg.compose(edges, device)
+    if strict:
+        found = scan_nonfinite(feats, chunk_rows)
+        if found.count:
+            raise UserError(f"{found.describe(in_path, rows)}; --strict refuses them: fix or drop those rows")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial, sidecar = _side_paths(out_path)
     job = _job(in_path, src.id, dst.id, edges_fingerprint(edges), rows, dst.dim)
-    done = _resume_point(sidecar, partial, job)
+    done, nonfinite = _resume_point(sidecar, partial, job)
     if done:
         out = np.lib.format.open_memmap(partial, mode="r+")
     else:
@@ -191,15 +248,17 @@ def convert_embeddings(registry: Union[VersionRegistry, PathLike], src_version: 
     try:
         while done < rows:
             stop = min(done + chunk_rows, rows)
-            x = torch.from_numpy(np.array(feats[done:stop], dtype=np.float32))  # a writable copy of the chunk
-            y = fn(x)
+            block = _as_float32(feats[done:stop])
+            nonfinite.add(block, done)
+            y = fn(torch.from_numpy(block))
             if tuple(y.shape) != (stop - done, dst.dim):
                 raise UserError(f"the chain {src.id} -> {dst.id} gave shape {tuple(y.shape)} for "
                                 f"{stop - done} rows, expected ({stop - done}, {dst.dim})")
             out[done:stop] = y.detach().to("cpu", torch.float32).numpy()
             out.flush()  # rows reach the file before the sidecar says they are done
             done = stop
-            atomic_write_json({**job, "done_rows": done}, sidecar)
+            atomic_write_json({**job, "done_rows": done, "nonfinite_rows": nonfinite.count,
+                               "first_nonfinite_row": nonfinite.first}, sidecar)
             bar.update(stop - bar.n)
     finally:
         bar.close()
@@ -216,8 +275,12 @@ def convert_embeddings(registry: Union[VersionRegistry, PathLike], src_version: 
         del packed
         partial.unlink()
     sidecar.unlink(missing_ok=True)
+    if nonfinite.count:
+        print(f"warning: {nonfinite.describe(in_path, rows)}; they were converted as they are (use --strict "
+              "to refuse such input)", file=sys.stderr)
     return {"source": src.id, "target": dst.id, "rows": rows, "source_dim": src.dim, "target_dim": dst.dim,
-            "edges": [e.to_dict() for e in edges], "resumed_from_row": resumed_from, "output": str(out_path)}
+            "edges": [e.to_dict() for e in edges], "resumed_from_row": resumed_from, "output": str(out_path),
+            "nonfinite_rows": nonfinite.count, "first_nonfinite_row": nonfinite.first}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,9 +300,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    help="rows converted (and checkpointed) at a time")
     p.add_argument("--device", default="cpu", help="torch device that applies the maps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an input with NaN or infinite values (default: convert it with a warning)")
     a = p.parse_args(argv)
     summary = convert_embeddings(a.registry, a.src, a.dst, a.input, a.output, chunk_rows=a.chunk_rows,
-                                 progress=not a.no_progress, device=a.device)
+                                 progress=not a.no_progress, device=a.device, strict=a.strict)
     chain = " -> ".join([summary["source"]] + [e["target"] for e in summary["edges"]])
     resumed = f", resumed at row {summary['resumed_from_row']}" if summary["resumed_from_row"] else ""
     print(f"converted {summary['rows']} embeddings {chain} ({summary['source_dim']}-d -> "

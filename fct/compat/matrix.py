@@ -80,6 +80,9 @@ def _reference(a: np.ndarray, names: Sequence[str],
             raise UserError(f"reference_new_new holds {len(items)} values for {v} versions")
     for i, x in enumerate(items):
         if x is not None and not (isinstance(x, float) and math.isnan(x)):
+            if not math.isfinite(float(x)):
+                raise UserError(f"reference_new_new for version {names[i]} is {x}; give a finite metric "
+                                "or null (unknown)")
             ref[i] = float(x)
             given[i] = True
     return ref, given

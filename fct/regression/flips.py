@@ -25,7 +25,7 @@ import torch
 from fct.errors import UserError
 
 if TYPE_CHECKING:
-    from fct.config.schema import EvalConfig
+    from fct.config import EvalConfig
     from fct.evaluate import Embeddings
     from fct.runtime import Runtime
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,6 +33,7 @@ from fct.config.interpolation import InterpolationConfig
 from fct.config.loader import to_dict
 from fct.errors import UserError
 from fct.io import atomic_save_npz, atomic_torch_save, atomic_write_json, atomic_write_text, file_sha256
+from fct.outputs import check_outputs
 from fct.regression.flips import classification_flips, masked_predictions, retrieval_flips, summary
 from fct.regression.interpolation import (
     average_state_dicts,
@@ -46,6 +48,7 @@ from fct.report import format_table
 from fct.runtime import Runtime, make_runtime, seed_everything
 
 RESULTS = "results.json"
+FISHER = "fisher.pt"
 # Config keys that do not change any number of a point: a sweep may resume across them.
 _NOT_RESULT_KEYS = ("methods", "alphas", "save_models", "runtime", "output_dir")
 
@@ -203,17 +206,64 @@ def _settings(cfg: InterpolationConfig, old: ModelFile, news: list[ModelFile]) -
     return d
 
 
+def output_files(cfg: InterpolationConfig) -> dict[str, str]:
+    """Every file a sweep of ``cfg`` writes, named ``output_dir/<file>`` for the messages."""
+    run = Path(cfg.run_dir)
+    names = [RESULTS, "results.md", "accuracy_vs_nfr.png", "config.yaml"]
+    if "fisher" in cfg.methods:
+        names.append(FISHER)
+    names += [f"flips/{point_key(m, a)}.npz" for m in cfg.methods for a in cfg.alphas]
+    if cfg.save_models:
+        names += [f"models/{m}_alpha{a:g}.pt" for m in cfg.methods for a in cfg.alphas]
+    return {f"output_dir/{n}": str(run / n) for n in names}
+
+
+def check_sweep_outputs(cfg: InterpolationConfig, config_path: Optional[str] = None) -> None:
+    """Refuse, before any work, a run folder that is not a writable folder or whose files would
+    overwrite an input (a model file, the config)."""
+    inputs: dict[str, Optional[str]] = {"old_model_path": cfg.old_model_path}
+    inputs.update({f"new_model_paths[{i}]": p for i, p in enumerate(cfg.new_model_paths)})
+    if config_path is not None:
+        inputs["--config"] = config_path
+    check_outputs(files={}, inputs=inputs, folders={"output_dir": cfg.run_dir})  # first: names the key
+    check_outputs(files=output_files(cfg), inputs=inputs)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+# Fields of a stored point (or reference row) that the table, the plot and the best-alpha pick read.
+_POINT_NUMBERS = ("accuracy", "nfr", "retrieval_top1", "retrieval_nfr")
+
+
+def _check_rows(path: Path, section: str, rows: Any) -> None:
+    """Raise UserError unless ``rows`` maps names to points with the fields the sweep reads back."""
+    if not isinstance(rows, dict):
+        raise UserError(f"{path}: '{section}' is not a mapping; delete the file to start the sweep again")
+    for name, row in rows.items():
+        ok = isinstance(row, dict) and isinstance(row.get("method"), str) and all(
+            isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in _POINT_NUMBERS)
+        if not ok:
+            raise UserError(f"{path}: {section} entry {name!r} is not a sweep result (needs method and "
+                            f"{', '.join(_POINT_NUMBERS)}); delete the file to start the sweep again")
+
+
 def load_results(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The results file of an earlier (possibly interrupted) run with the same settings, or a new one."""
+    """The results file of an earlier (possibly interrupted) run with the same settings, or a new one.
+
+    The file is parsed as strict JSON and every stored point is checked, so a damaged or
+    hand-edited file is one clear error (delete it) instead of a crash halfway through the sweep."""
     from fct.training.checkpoint import first_difference
 
     if not path.exists():
         return {"settings": settings, "reference": {}, "points": {}}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable results file ({e}); delete it to start the sweep "
-                        "again") from None
+        data = json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (OSError, ValueError) as e:  # ValueError: JSON syntax, NaN/Infinity, not UTF-8
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: unreadable results file ({type(e).__name__}: {reason}); "
+                        "delete it to start the sweep again") from None
     if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
         raise UserError(f"{path} is not a sweep results file; delete it or choose another output_dir")
     diff = first_difference(json.loads(json.dumps(settings)), data.get("settings"))
@@ -221,7 +271,46 @@ def load_results(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"{path} was computed with different settings (first difference: {diff}); "
                         "delete it or choose another output_dir")
     data.setdefault("reference", {})
+    _check_rows(path, "points", data["points"])
+    _check_rows(path, "reference", data["reference"])
     return data
+
+
+def load_fisher_cache(path: Path, settings: dict[str, Any],
+                      params: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+    """The raw Fisher stored in ``path`` by an earlier run with the same ``settings``; None when
+    there is none or it was computed with other settings (it is then recomputed and replaced).
+
+    ``params``: the old model's state dict; every entry must match one of its floating-point
+    tensors in shape and be finite and >= 0. A file that cannot be read (damaged, or a pickle
+    with code, refused by ``weights_only``) or holds anything else is a UserError saying to
+    delete it: nothing in it is ever executed."""
+    if not path.exists():
+        return None
+    fix = "delete it and rerun: the Fisher information is computed again"
+    try:
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error says it all
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - arbitrary bytes fail inside the unpickler in many ways
+        raise UserError(f"{path}: unreadable cached Fisher information ({type(e).__name__}); {fix}") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict)
+            and isinstance(saved.get("fisher"), dict)):
+        raise UserError(f"{path} is not a Fisher cache written by interpolate.py; {fix}")
+    if saved["settings"] != settings:
+        return None
+    fisher = saved["fisher"]
+    for k, v in fisher.items():
+        ref = params.get(k) if isinstance(k, str) else None
+        ok = (isinstance(v, torch.Tensor) and ref is not None and ref.is_floating_point()
+              and v.is_floating_point() and v.shape == ref.shape and bool(torch.isfinite(v).all())
+              and bool((v >= 0).all()))
+        if not ok:
+            raise UserError(f"{path}: cached Fisher entry {k!r} does not fit the old model's weights "
+                            f"(a finite, non-negative tensor of the weight's shape); {fix}")
+    if not fisher:
+        raise UserError(f"{path}: the cached Fisher information is empty; {fix}")
+    return fisher
 
 
 class Sweep:
@@ -279,21 +368,16 @@ class Sweep:
     def fisher(self) -> dict[str, torch.Tensor]:
         """The old model's normalised diagonal Fisher, from ``fisher.pt`` when it was computed before."""
         if self._fisher is None:
-            path = self.run_dir / "fisher.pt"
-            fp = to_dict(self.cfg.fisher)
-            raw = None
-            if path.exists():
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                if saved.get("settings") == {**fp, "old_sha256": self.old.sha256, "seed": self.cfg.seed}:
-                    raw = saved["fisher"]
+            path = self.run_dir / FISHER
+            settings = {**to_dict(self.cfg.fisher), "old_sha256": self.old.sha256, "seed": self.cfg.seed}
+            raw = load_fisher_cache(path, settings, self.old.state)
             if raw is None:
                 model = self._load(self.old.state)
                 loader, n = self.data.fisher_batches()
                 raw = diagonal_fisher(model, loader, self.rt.device, labels=self.cfg.fisher.labels,
                                       num_classes=self.old.num_classes,
                                       progress=not dist.progress_disabled(self.rt.params.progress), total=n)
-                atomic_torch_save({"settings": {**fp, "old_sha256": self.old.sha256, "seed": self.cfg.seed},
-                                   "fisher": raw}, path)
+                atomic_torch_save({"settings": settings, "fisher": raw}, path)
             self._fisher = normalize_fisher(raw, self.cfg.fisher.normalize)
         return self._fisher
 
@@ -387,7 +471,7 @@ def results_table(results: dict[str, Any], methods: list[str], alphas: list[floa
     rows += [results["points"][point_key(m, a)] for m in methods for a in sorted(alphas)
              if point_key(m, a) in results["points"]]
     return format_table([h for h, _ in TABLE_COLUMNS],
-                        [["-" if r.get(k) is None else r.get(k) for _, k in TABLE_COLUMNS] for r in rows])
+                        [[r.get(k) for _, k in TABLE_COLUMNS] for r in rows])  # None: n/a
 
 
 def plot_results(results: dict[str, Any], methods: list[str], path: Path) -> None:
@@ -426,13 +510,16 @@ def plot_results(results: dict[str, Any], methods: list[str], path: Path) -> Non
 
 
 def run_sweep(cfg: InterpolationConfig, rt: Optional[Runtime] = None,
-              on_point: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+              on_point: Optional[Callable[[str], None]] = None,
+              config_path: Optional[str] = None) -> dict[str, Any]:
     """Run (or resume) the sweep of ``cfg``; returns the results dict (also in ``results.json``).
 
     on_point: called with each point's key after it is computed (not for skipped points).
+    config_path: the config file, refused (like the model files) as an output.
     """
     from fct.training.checkpoint import write_resolved_config
 
+    check_sweep_outputs(cfg, config_path)
     rt = rt or make_runtime(cfg.runtime)
     if dist.world_size() > 1:
         raise UserError("interpolate.py runs in one process; start it with python, not torchrun")

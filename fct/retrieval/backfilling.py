@@ -114,6 +114,8 @@ class BackfillCurve:
     name: str
     fractions: list[float]  # backfilled fraction of the gallery at each point
     values: dict[str, np.ndarray] = field(default_factory=dict)
+    # queries with at least one positive: mAP is averaged over them (NaN points when 0)
+    queries_with_positives: Optional[int] = None
 
     def mean(self, metric: str) -> np.ndarray:
         return self.values[metric].mean(axis=0)
@@ -129,22 +131,37 @@ class BackfillCurve:
 
     def to_dict(self) -> dict[str, Any]:
         """Every point and AUC; for several runs also each run, the spread (sample std) and the
-        min/max, so a random curve's noise is visible."""
+        min/max, so a random curve's noise is visible. Strict-JSON ready: an undefined value
+        (mAP when no query has a positive) is None, with ``queries_with_positives`` saying why."""
         out: dict[str, Any] = {"fractions": self.fractions, "runs": int(next(iter(self.values.values())).shape[0])}
+        if self.queries_with_positives is not None:
+            out["queries_with_positives"] = self.queries_with_positives
         for m, v in self.values.items():
-            entry: dict[str, Any] = {"points": self.mean(m).tolist()}
+            entry: dict[str, Any] = {"points": _json_list(self.mean(m))}
             for rule in ("mean", "trapezoid"):
                 a = self.auc(m, rule)
-                entry[f"auc_{rule}"] = float(a.mean())
+                entry[f"auc_{rule}"] = _json_float(a.mean())
                 if v.shape[0] > 1:
-                    entry[f"auc_{rule}_std"] = float(a.std(ddof=1))
-                    entry[f"auc_{rule}_runs"] = a.tolist()
+                    entry[f"auc_{rule}_std"] = _json_float(a.std(ddof=1))
+                    entry[f"auc_{rule}_runs"] = _json_list(a)
             if v.shape[0] > 1:
-                entry["points_std"] = v.std(axis=0, ddof=1).tolist()
-                entry["points_min"] = v.min(axis=0).tolist()
-                entry["points_max"] = v.max(axis=0).tolist()
+                entry["points_std"] = _json_list(v.std(axis=0, ddof=1))
+                entry["points_min"] = _json_list(v.min(axis=0))
+                entry["points_max"] = _json_list(v.max(axis=0))
+            if not np.isfinite(v).all():
+                entry["note"] = "undefined (null): no query has a positive in the gallery"
             out[m] = entry
         return out
+
+
+def _json_float(x: Any) -> Optional[float]:
+    """A finite float, or None for NaN / infinity (strict JSON has neither)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _json_list(a: np.ndarray) -> list[Optional[float]]:
+    return [_json_float(x) for x in np.asarray(a).ravel()]
 
 
 def backfilling_curves(
@@ -244,7 +261,7 @@ def backfilling_curves(
     fractions = [u / ng for u in counts]
     curves: dict[str, BackfillCurve] = {}
     for r, (name, _) in enumerate(runs):
-        curve = curves.setdefault(name, BackfillCurve(name, fractions, {}))
+        curve = curves.setdefault(name, BackfillCurve(name, fractions, {}, queries_with_positives=n_map))
         row = {f"top{k}": (100.0 * hits[k][r].double() / nq).numpy() for k in ks}
         if compute_map:
             row["mAP"] = (100.0 * ap_sum[r] / n_map).numpy() if n_map else np.full(npts, np.nan)

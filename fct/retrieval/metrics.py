@@ -9,7 +9,8 @@ Conventions (protocols.md section 1):
   rank r_k = k + 1 + #{negatives at distance <= p_k}; AP = mean_k (k + 1) / r_k, and the query
   is a top-k hit iff #{negatives at distance <= p_0} < k.
 * CMC top-k is a percentage over all queries (a query without any positive is a miss); mAP is
-  the mean AP, as a percentage, over the queries that have at least one positive.
+  the mean AP, as a percentage, over the queries that have at least one positive, and None
+  (JSON null, never NaN) when no query has one; ``queries_with_positives`` says how many do.
 * ``exclude_self`` (leave-one-out, Nq == Ng): query i never retrieves gallery item i.
 * Ties are exact equalities of the float32 ranking keys as computed: for l2 the key is
   ||g||^2 - 2 q.g (the row constant ||q||^2 changes no order and is left out), for cosine
@@ -441,6 +442,17 @@ def _prepare_inputs(
     return q, ql, g, gl
 
 
+def queries_with_positives(q_labels: torch.Tensor, g_labels: torch.Tensor, exclude_self: bool) -> int:
+    """How many queries have at least one positive in the gallery (their own item not counted
+    under leave-one-out): the queries mAP is averaged over."""
+    classes, counts = torch.unique(g_labels, return_counts=True)
+    idx = torch.searchsorted(classes, q_labels).clamp(max=classes.shape[0] - 1)
+    npos = torch.where(classes[idx] == q_labels, counts[idx], 0)
+    if exclude_self:
+        npos = npos - (g_labels[: q_labels.shape[0]] == q_labels).to(npos.dtype)
+    return int((npos > 0).sum())
+
+
 def _per_query(
     q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor, gl: torch.Tensor, metric: str,
     exclude_self: bool, compute_map: bool, chunk_size: int | None, progress: bool,
@@ -503,8 +515,9 @@ def retrieval_metrics(
     query (Nq, D), query_labels (Nq,), gallery (Ng, D), gallery_labels (Ng,): tensors (on any
     one device) or numpy arrays; features are used as float32, labels as int64.
     Returns ``{'top1': .., 'top5': .. (one per k in topk), 'mAP': .. or None when
-    compute_map is False (nan when no query has a positive), 'num_queries': Nq,
-    'num_map_queries': queries with at least one positive (None without mAP)}``.
+    compute_map is False or no query has a positive (mAP undefined), 'num_queries': Nq,
+    'queries_with_positives': queries with at least one positive, 'num_map_queries': the
+    same count, None without mAP}``. No value is ever NaN (results go to strict JSON).
 
     knn_backend 'torch' does everything in one exact chunked pass with pessimistic ties
     (module docstring); 'faiss' takes CMC from FAISS neighbour lists (its own tie order) and
@@ -534,10 +547,14 @@ def retrieval_metrics(
             result[f"top{k}"] = cmc[f"top{min(k, k_max)}"]
     result["mAP"] = None
     result["num_map_queries"] = None
+    if per_q:
+        n_pos = int((per_q["num_positives"] > 0).sum())
+    else:
+        n_pos = queries_with_positives(ql, gl, exclude_self)
     if compute_map:
         has = per_q["num_positives"] > 0
-        n_map = int(has.sum())
-        result["mAP"] = 100.0 * float(per_q["ap"][has].sum()) / n_map if n_map else float("nan")
-        result["num_map_queries"] = n_map
+        result["mAP"] = 100.0 * float(per_q["ap"][has].sum()) / n_pos if n_pos else None
+        result["num_map_queries"] = n_pos
     result["num_queries"] = nq
+    result["queries_with_positives"] = n_pos
     return result

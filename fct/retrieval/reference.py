@@ -52,6 +52,7 @@ def naive_retrieval_metrics(
     nq, ng = dist.shape
     hits = np.zeros(len(topk), dtype=np.int64)
     aps: list[float] = []
+    with_positive = 0
     for i in range(nq):
         cols = np.arange(ng)
         if exclude_self:
@@ -60,6 +61,7 @@ def naive_retrieval_metrics(
         is_pos = gl[cols] == ql[i]
         if not is_pos.any():
             continue  # a CMC miss, and no AP
+        with_positive += 1
         # lexsort's last key is the primary one: distance, then negatives (False) first.
         ranked_pos = is_pos[np.lexsort((is_pos, d))]
         for t, k in enumerate(topk):
@@ -68,7 +70,8 @@ def naive_retrieval_metrics(
             ranks = np.flatnonzero(ranked_pos) + 1  # 1-based ranks of the positives
             aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
     out: dict[str, float | int | None] = {f"top{k}": 100.0 * hits[t] / nq for t, k in enumerate(topk)}
-    out["mAP"] = (100.0 * float(np.mean(aps)) if aps else float("nan")) if compute_map else None
+    out["mAP"] = 100.0 * float(np.mean(aps)) if compute_map and aps else None
     out["num_queries"] = nq
     out["num_map_queries"] = len(aps) if compute_map else None
+    out["queries_with_positives"] = with_positive
     return out
