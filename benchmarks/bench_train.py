@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fct.config.schema import RuntimeParams  # noqa: E402
+from fct.config import RuntimeParams  # noqa: E402
 from fct.data import build_dataset  # noqa: E402
 from fct.models import build_backbone  # noqa: E402
 from fct.report import format_table  # noqa: E402

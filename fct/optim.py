@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from fct.config.schema import LrPolicyParams, OptimizerParams
+from fct.config import LrPolicyParams, OptimizerParams
 from fct.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fct.config import BackboneConfig, load_config
-from fct.config.schema import RuntimeParams
+from fct.config import RuntimeParams
 from fct.config.transformation import TransformationConfig
 from fct.data import build_dataset
 from fct.errors import UserError

@@ -315,7 +315,7 @@ def test_script_refuses_duplicate_key(tmp_path):
 
 
 def test_non_finite_refused_in_float_lists():
-    from fct.ssl.augment import ViewAugParams
+    from fct.config import ViewAugParams
 
     with pytest.raises(ConfigError, match=r"x: crop_scale\[1\] must be a finite number, got inf"):
         from_dict(ViewAugParams, {"crop_scale": [0.2, float("inf")]}, source="x")

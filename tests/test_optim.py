@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fct.config.schema import LrPolicyParams, OptimizerParams
+from fct.config import LrPolicyParams, OptimizerParams
 from fct.errors import ConfigError
 from fct.optim import build_optimizer, build_schedule, param_groups
 

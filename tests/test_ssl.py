@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fct.config import ViewAugParams
 from fct.errors import UserError
 from fct.models import build_backbone
 from fct.ssl import (
@@ -24,7 +25,6 @@ from fct.ssl import (
     PILViewTransform,
     ProjectionHead,
     SimCLRModel,
-    ViewAugParams,
     build_two_view_dataset,
     default_view_params,
     evaluate_knn,

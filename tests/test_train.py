@@ -172,7 +172,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def _train_mlp(path):
     from fct import dist
-    from fct.config.schema import RuntimeParams
+    from fct.config import RuntimeParams
     from fct.data import build_dataset
     from fct.runtime import make_runtime
     from fct.training.loaders import train_loader

@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fct.config.loader import from_dict
+from fct.config import (
+    DiscriminativeLossParams,
+    ObjectiveParams,
+    TransformationArchParams,
+    UncertaintyLossParams,
+    check_objective_fits_arch,
+    from_dict,
+)
 from fct.errors import ConfigError, UserError
 from fct.models import (
     BackboneOutput,
@@ -24,15 +31,10 @@ from fct.models import (
 )
 from fct.transformations import (
     TRANSFORMATIONS,
-    DiscriminativeLossParams,
-    ObjectiveParams,
     TorchScriptPart,
-    TransformationArchParams,
     TransformationOutput,
     TransformedOldModel,
-    UncertaintyLossParams,
     build_transformation,
-    check_objective_fits_arch,
     save_transformation,
     save_transformed_old_model,
     similarity_loss,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from fct.config.schema import DatasetParams, EvalParams, RuntimeParams
+from fct.config.common import DatasetParams, RuntimeParams
+from fct.config.evaluation import EvalParams
 from fct.errors import ConfigError
 
 
@@ -14,19 +15,21 @@ class ChainEdge:
     """Embeddings of ``source`` -> the space of ``target``: ``identity`` (one space, e.g. BCT) or a
     ``transformation`` file (an FCT h old -> new, or a backward map new -> old)."""
 
-    source: str
-    target: str
-    kind: Literal["identity", "transformation"]
-    path: Optional[str] = None
+    source: str  # version id whose embeddings are mapped
+    target: str  # version id whose space they are mapped into
+    kind: Literal["identity", "transformation"]  # one shared space, or a map file
+    path: Optional[str] = None  # the map file (a 'transformation' model file); identity edges have none
 
 
 @dataclass(frozen=True)
 class ChainVersion:
-    id: str
-    model_path: str
-    change: Literal["major", "minor", "patch"] = "patch"
-    parent: Optional[str] = None
-    compatible_with: list[str] = field(default_factory=list)
+    """One embedding version of the chain, as it is entered in the embedding registry."""
+
+    id: str  # version id, unique in the chain
+    model_path: str  # the version's model file
+    change: Literal["major", "minor", "patch"] = "patch"  # a minor or patch change keeps the embedding width
+    parent: Optional[str] = None  # the version this one updates; None: none
+    compatible_with: list[str] = field(default_factory=list)  # older versions it claims to be comparable with
     data: Optional[str] = None  # what it was trained on (free text, kept in the registry)
     edges: list[ChainEdge] = field(default_factory=list)  # maps joining it to older versions
     # a model of this version trained without any compatibility constraint: M*[i][i] of the update gain
@@ -38,14 +41,15 @@ class ChainConfig:
     """Versions oldest first. ``registry_dir`` receives the embedding registry built from them (rebuilt
     on every run), ``output_dir`` the matrices (JSON, heat-map PNGs) and 2-D projections."""
 
-    versions: list[ChainVersion]
+    versions: list[ChainVersion]  # oldest first, at least two
     dataset_params: DatasetParams  # the evaluation split (all classes, leave-one-out)
-    registry_dir: str
-    output_dir: str
+    registry_dir: str  # the embedding registry built from the versions
+    output_dir: str  # matrices (JSON, heat-map PNGs) and 2-D projections
+    # retrieval settings of every cell of the matrix (no backfilling)
     eval_params: EvalParams = field(default_factory=EvalParams)
     headline_metric: Literal["top1", "top5", "mAP"] = "top1"  # the metric the criterion/AC lead with
     projection: bool = True  # 2-D projection of each pair of consecutive versions
-    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)  # how the run executes
 
     def __post_init__(self) -> None:
         ids = [v.id for v in self.versions]

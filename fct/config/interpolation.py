@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from fct.config.schema import DatasetParams, RuntimeParams
+from fct.config.common import DatasetParams, RuntimeParams
 from fct.errors import ConfigError
 
 METHODS = ("plain", "fisher", "soup")
@@ -31,7 +31,7 @@ class BatchNormParams:
     """Re-estimate BatchNorm running statistics of every interpolated model on training data
     (the new model's classes, seeded shuffle and seeded augmentation)."""
 
-    recompute: bool = True
+    recompute: bool = True  # false: keep the running statistics interpolated with the weights
     num_batches: int = 50  # batches of dataset_params.batch_size (fewer if the data runs out)
     # the training transforms (random crop, flip): the statistics the weights were trained with.
     # false: the evaluation transforms, which shifts the statistics (BENCHMARKS.md: at alpha 1 the
@@ -53,22 +53,24 @@ class InterpolationConfig:
     (the old model's classes) and the BatchNorm statistics (the new model's classes).
     """
 
-    old_model_path: str
-    new_model_paths: list[str]
+    old_model_path: str  # the old model (alpha = 1)
+    new_model_paths: list[str]  # the new model(s) (alpha = 0); soup averages all of them
+    # its evaluation split for accuracy and flips, its training split for the Fisher and BatchNorm
     dataset_params: DatasetParams
     output_dir: str  # run folder: results.json (resumable), table, plot, fisher.pt
-    methods: list[str] = field(default_factory=lambda: ["plain", "fisher"])
+    methods: list[str] = field(default_factory=lambda: ["plain", "fisher"])  # any of plain, fisher, soup
+    # the old model's weights alpha, in [0, 1]
     alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     # classes each model was trained on (labels 0..K-1); None: the model file's meta
     # 'trained_classes', else its classifier width
     old_num_classes: Optional[int] = None
-    new_num_classes: Optional[int] = None
-    fisher: FisherParams = field(default_factory=FisherParams)
-    batchnorm: BatchNormParams = field(default_factory=BatchNormParams)
+    new_num_classes: Optional[int] = None  # as old_num_classes, for the new model(s)
+    fisher: FisherParams = field(default_factory=FisherParams)  # the Fisher weights of method fisher
+    batchnorm: BatchNormParams = field(default_factory=BatchNormParams)  # BatchNorm statistics per model
     distance_metric: Literal["l2", "cosine"] = "l2"  # retrieval on the evaluation split, leave-one-out
     save_models: bool = False  # also write output_dir/models/<method>_alpha<a>.pt for eval.py
-    seed: int = 0
-    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    seed: int = 0  # seeds the Fisher subset and the BatchNorm batches (order and augmentation)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)  # how the run executes
 
     def __post_init__(self) -> None:
         if not self.new_model_paths:

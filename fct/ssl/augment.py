@@ -22,7 +22,6 @@ reproducible.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -31,10 +30,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fct.config import ViewAugParams
 from fct.data import build_dataset, dataset_info
 from fct.data.arrays import ArrayDataset
 from fct.data.folders import ImageFileDataset
-from fct.errors import ConfigError, UserError
+from fct.errors import UserError
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -50,48 +50,6 @@ _C_JITTER = _C_FLIP + 1  # apply the colour jitter?
 _C_FACTORS = _C_JITTER + 1  # brightness, contrast, saturation, hue
 _C_GRAY = _C_FACTORS + 4
 _NUM_DRAWS = _C_GRAY + 1
-
-
-@dataclass(frozen=True)
-class ViewAugParams:
-    """One view's augmentation (SimCLR's, with strengths as torchvision's ColorJitter).
-
-    crop_scale / crop_ratio: area fraction and aspect-ratio range of the random resized crop.
-    brightness, contrast, saturation: factors drawn uniformly in [max(0, 1 - s), 1 + s];
-    hue: shift drawn in [-hue, hue] (fraction of a full turn, <= 0.5). The four are applied
-    together with probability jitter_prob, then grayscale with probability grayscale_prob.
-    blur_prob applies to PILViewTransform only (blur erases most of a 32x32 image).
-    """
-
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.0
-
-    def __post_init__(self) -> None:
-        # ConfigError (a UserError): these values also come from YAML (ssl_params.augmentation).
-        for name in ("crop_scale", "crop_ratio"):
-            if len(getattr(self, name)) != 2:
-                raise ConfigError(f"{name} must be two numbers [low, high], got {getattr(self, name)}")
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ConfigError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
-        for name in ("jitter_prob", "grayscale_prob", "blur_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ConfigError(f"hue must be in [0, 0.5], got {self.hue}")
 
 
 def default_view_params(image_size: int, grey: bool = False) -> ViewAugParams:

@@ -1,13 +1,5 @@
 """FCT/FastFill transformations h(old, side) -> new, their losses and the transformed old model."""
 
-from fct.transformations.config import (
-    DiscriminativeLossParams,
-    ObjectiveParams,
-    SimilarityLossParams,
-    TransformationArchParams,
-    UncertaintyLossParams,
-    check_objective_fits_arch,
-)
 from fct.transformations.heads import (
     TRANSFORMATIONS,
     BatchNorm1dAnyBatch,
@@ -40,22 +32,16 @@ from fct.transformations.transformed_model import (
 __all__ = [
     "BatchNorm1dAnyBatch",
     "DISCRIMINATIVE_LOSSES",
-    "DiscriminativeLossParams",
     "LinearTransformation",
     "MLPSideProjection",
     "MLPSideProjectionSigma",
-    "ObjectiveParams",
     "SIMILARITY_LOSSES",
-    "SimilarityLossParams",
     "TRANSFORMATIONS",
     "TorchScriptPart",
     "Transformation",
-    "TransformationArchParams",
     "TransformationOutput",
     "TransformedOldModel",
-    "UncertaintyLossParams",
     "build_transformation",
-    "check_objective_fits_arch",
     "check_transformation_params",
     "discriminative_per_sample",
     "frozen_logits",

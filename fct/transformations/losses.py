@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from fct.errors import ConfigError
 from fct.registry import Registry
-from fct.transformations.config import DiscriminativeLossParams, ObjectiveParams
+from fct.config import DiscriminativeLossParams, ObjectiveParams
 from fct.transformations.heads import TransformationOutput
 
 SimilarityTerms = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -43,7 +43,7 @@ from fct.models.model_file import (
     save_model_file,
     unwrap_model,
 )
-from fct.transformations.config import TransformationArchParams
+from fct.config import TransformationArchParams
 from fct.transformations.heads import Transformation, TransformationOutput, build_transformation
 
 PathLike = Union[str, os.PathLike]
