@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fct import dist
-from fct.config.schema import RuntimeParams
+from fct.config import RuntimeParams
 from fct.errors import ConfigError
 
 
@@ -74,3 +74,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun (SyncBatchNorm on CUDA when asked),
+    else ``model`` itself."""
+    if not dist.is_dist():
+        return model
+    if rt.device.type == "cuda" and rt.params.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    # Parameters with requires_grad=False (the classifier frozen by SimCLRModel) are not tracked
+    # by DDP, so every tracked parameter gets a gradient each step: no find_unused_parameters.
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -234,10 +234,10 @@ def _free_port():
 def _simclr_first_step(rank, world, port, out_dir):
     """One SimCLR step of the training pipeline (seeded two-view loader, DDP with the frozen
     classifier, gathered negatives); BatchNorm in eval mode so the batch split cannot matter."""
-    from fct.config.schema import RuntimeParams
+    from fct.config import RuntimeParams
     from fct.runtime import make_runtime, seed_everything
     from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, simclr_loss_fn, two_view_collate
-    from fct.training.backbone import wrap_ddp
+    from fct.runtime import wrap_ddp
     from fct.training.loaders import train_loader
     from fct.training.loop import image_step
 

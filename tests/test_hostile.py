@@ -323,10 +323,11 @@ def test_batch_not_divisible_by_world_size_under_torchrun(tmp_path):
 
 def test_non_finite_batchnorm_buffer_is_not_checkpointed(tmp_path, monkeypatch):
     import fct.training.backbone as tb
+    import fct.training.loop as loop
     from fct.config import BackboneConfig, load_config
     from fct.errors import RunError
 
-    original = tb.train_one_epoch
+    original = loop.train_one_epoch
 
     def epoch_that_breaks_batchnorm(step_fn, loader, optimizer, lr_at, epoch, rt, scaler=None):
         out = original(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
@@ -336,14 +337,14 @@ def test_non_finite_batchnorm_buffer_is_not_checkpointed(tmp_path, monkeypatch):
         return out
 
     net_holder = {}
-    original_wrap = tb.wrap_ddp
+    original_wrap = loop.wrap_ddp
 
     def keep_net(model, rt):
         net_holder["net"] = model
         return original_wrap(model, rt)
 
-    monkeypatch.setattr(tb, "train_one_epoch", epoch_that_breaks_batchnorm)
-    monkeypatch.setattr(tb, "wrap_ddp", keep_net)
+    monkeypatch.setattr(loop, "train_one_epoch", epoch_that_breaks_batchnorm)
+    monkeypatch.setattr(loop, "wrap_ddp", keep_net)
     with pytest.raises(RunError, match=r"after epoch 2, .*running_var holds a non-finite value"):
         tb.train_backbone(load_config(BackboneConfig, digits_backbone_config(tmp_path, epochs=3)))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,13 +22,12 @@ from torch import nn
 import fct
 from fct import dist
 from fct.config.loader import to_dict
-from fct.config.schema import BackboneConfig
+from fct.config import BackboneConfig
 from fct.data import build_dataset, dataset_info
 from fct.data.datasets import take_fraction
 from fct.errors import UserError
 from fct.io import file_sha256
 from fct.models import build_backbone, read_model_file, save_model_file, unwrap_model
-from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, evaluate_knn, simclr_loss_fn, two_view_collate
 from fct.transformations import save_transformation
@@ -45,9 +43,8 @@ from fct.training.compat_losses import (
     load_previous_versions,
 )
 from fct.training.loaders import check_global_batch, eval_loader, train_loader
-from fct.training.loop import evaluate_classification, image_step, train_one_epoch
+from fct.training.loop import StepFn, Trainer, evaluate_classification, fit, image_step
 from fct.training.run_folder import open_run_folder
-from fct.training.runlog import RunLog
 
 
 def classification_loss(label_smoothing: float):
@@ -56,17 +53,6 @@ def classification_loss(label_smoothing: float):
         return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing), logits
 
     return loss_fn
-
-
-def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
-    if not dist.is_dist():
-        return model
-    if rt.device.type == "cuda" and rt.params.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    # Parameters with requires_grad=False (the classifier frozen by SimCLRModel) are not tracked
-    # by DDP, so every tracked parameter gets a gradient each step: no find_unused_parameters.
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +175,6 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     dp, ssl = cfg.dataset_params, cfg.ssl_params
     check_global_batch(dp.batch_size)  # before the process group starts: torchrun then stops cleanly
     rt = make_runtime(cfg.runtime)
-    run_dir = cfg.run_dir
     config_dict = to_dict(cfg)
     info = dataset_info(dp.name, dp.data_root)
     k = dp.num_classes or info.num_classes
@@ -214,7 +199,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
                                                num_classes=dp.num_classes))
     val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
 
-    run = open_run_folder(run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg))
+    run = open_run_folder(cfg.run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg))
     with run:
         seed_everything(cfg.seed)
         backbone = build_backbone(**to_dict(cfg.arch_params))
@@ -222,92 +207,97 @@ def train_backbone(cfg: BackboneConfig) -> dict:
         if ssl is not None:
             model = SimCLRModel(backbone, ProjectionHead(backbone.embedding_dim, ssl.projection_hidden_dim,
                                                          ssl.projection_dim))
-        ckpt = run.checkpointer
-        init_info = _init_from(cfg, backbone, ckpt)
+        init_info = _init_from(cfg, backbone, run.checkpointer)
         mean_set = None if cfg.bct_params is None else train_split(
             build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes))
-        bct = _bct_reference(cfg, backbone, mean_set, k, rt, ckpt)
+        bct = _bct_reference(cfg, backbone, mean_set, k, rt, run.checkpointer)
         previous = _previous_versions(cfg, val_set[0][0][None], rt)
         if previous is not None:
             # B_k is trained with the backbone: one module, so one optimizer and one checkpoint hold both
             model = BackwardAlignedModel(backbone, build_backward_map(backbone.embedding_dim, previous.dims[0]))
         model = rt.prepare_model(model)
-        optimizer = build_optimizer(model, cfg.optimizer_params)
-        scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
 
-        # A SimCLR run checkpoints backbone and head together, so a resume is exact.
-        start, last = ckpt.resume(model, optimizer, scaler, config_dict, cfg.epochs)
-
-        net = wrap_ddp(model, rt)
-        if cfg.runtime.compile:
-            net = torch.compile(net)
         pin = rt.device.type == "cuda"
         loader, sampler = train_loader(train_set, global_batch=dp.batch_size, num_workers=dp.num_workers,
                                        seed=cfg.seed, pin_memory=pin,
                                        collate_fn=None if ssl is None else two_view_collate)
         val = eval_loader(val_set, global_batch=dp.batch_size, num_workers=dp.num_workers, pin_memory=pin)
-        lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
-        loss_fn = classification_loss(cfg.label_smoothing) if ssl is None else simclr_loss_fn(ssl.temperature)
-        step_fn = image_step(net, rt, loss_fn)
         meter = LossMeter(rt.device)  # the loss components of the compatibility objectives
-        if bct is not None or previous is not None:
-            step_fn = compatible_step(net, rt, label_smoothing=cfg.label_smoothing, bct=bct, previous=previous,
-                                      meter=meter)
-        log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
+
+        def make_step(net: nn.Module) -> StepFn:
+            if bct is not None or previous is not None:
+                return compatible_step(net, rt, label_smoothing=cfg.label_smoothing, bct=bct, previous=previous,
+                                       meter=meter)
+            loss_fn = classification_loss(cfg.label_smoothing) if ssl is None else simclr_loss_fn(ssl.temperature)
+            return image_step(net, rt, loss_fn)
+
+        def validate(trained: nn.Module, epoch: int) -> dict[str, float]:
+            if ssl is None:
+                return evaluate_classification(trained, val, rt, num_classes=k)
+            return _knn_monitor(trained.backbone, memory_set, val_set, cfg, rt, epoch)
+
         extra_state: dict[str, Any] = {} if init_info is None else {"init_from": init_info}
         if bct is not None:
             extra_state.update(bct=bct.record, bct_classifier=bct.classifier.cpu())
-        try:
-            for epoch in range(start, cfg.epochs):
-                sampler.set_epoch(epoch)
-                # The model's own randomness (if any) is also a function of (seed, epoch) only.
-                torch.manual_seed(cfg.seed * 100_003 + epoch)
-                net.train()
-                train = train_one_epoch(step_fn, loader, optimizer, lr_at, epoch, rt, scaler)
-                train.update(meter.averages())
-                if ssl is None:
-                    metrics = evaluate_classification(unwrap_model(net), val, rt, num_classes=k)
-                else:
-                    train.pop("train_top1")  # no logits in label-free training: the loop's 0 means nothing
-                    metrics = _knn_monitor(unwrap_model(net).backbone, memory_set, val_set, cfg, rt, epoch)
-                last = {"epoch": epoch, **train, **metrics, "time": time.time()}
-                ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
-                          extra={"last": last, **extra_state})
-                log.log_epoch(last)
-                if dist.is_main():
-                    print(_epoch_line(epoch, cfg.epochs, train, metrics), flush=True)
-        finally:
-            log.close()
+        # A SimCLR run checkpoints backbone and head together, so a resume is exact.
+        last = fit(Trainer(model=model, batches=_SampledLoader(loader, sampler), make_step=make_step,
+                           validate=validate, describe=_epoch_line(cfg.epochs), train_extras=meter.averages,
+                           extra_state=extra_state),
+                   cfg, run, rt, config_dict)
         if dist.is_main():
-            meta: dict[str, Any] = {
-                "dataset": dp.name,
-                "trained_classes": k,
-                "epochs": cfg.epochs,
-                "seed": cfg.seed,
-                "code_version": fct.__version__,
-                "final_metrics": {kk: v for kk, v in last.items() if isinstance(v, (int, float))},
-            }
-            if ssl is not None:
-                # trained_classes: the classes whose images were used, without their labels
-                ssl_meta = to_dict(ssl)
-                ssl_meta["augmentation"] = to_dict(train_set.view_transform.params)  # as resolved
-                meta.update(label_free=True, ssl=ssl_meta)
-            if init_info is not None:
-                meta["init_from"] = init_info
-            if bct is not None:
-                meta["bct"] = bct.record
-            if previous is not None:
-                meta["backward"] = {**previous.record, "output_map_path": cfg.backward_params.output_map_path}
-            # Label-free: only the backbone is kept (its classifier is untrained); the head is dropped.
-            # Backward maps: the backbone and B_k go to their own files.
-            saved = unwrap_model(net).backbone if ssl is not None or previous is not None else unwrap_model(net)
-            save_model_file(cfg.output_model_path, saved, kind="backbone",
-                            arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
-            print(f"model written to {cfg.output_model_path}")
-            if previous is not None:
-                _save_backward_map(cfg, unwrap_model(net).backward_map, previous)
+            _save_outputs(cfg, model, last, k, train_set, init_info, bct, previous)
         dist.barrier()
     return last
+
+
+class _SampledLoader:
+    """A DataLoader whose sampler sets the epoch (``fct.training.loop.Epochs``)."""
+
+    def __init__(self, loader: Any, sampler: Any) -> None:
+        self.loader, self.sampler = loader, sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _save_outputs(cfg: BackboneConfig, model: nn.Module, last: dict[str, Any], k: int, train_set: Any,
+                  init_info: Optional[dict[str, Any]], bct: Optional[BCTReference],
+                  previous: Optional[PreviousVersions]) -> None:
+    """Write the model file (and B_k) with a record of how it was trained (rank 0)."""
+    dp, ssl = cfg.dataset_params, cfg.ssl_params
+    meta: dict[str, Any] = {
+        "dataset": dp.name,
+        "trained_classes": k,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "code_version": fct.__version__,
+        "final_metrics": {kk: v for kk, v in last.items() if isinstance(v, (int, float))},
+    }
+    if ssl is not None:
+        # trained_classes: the classes whose images were used, without their labels
+        ssl_meta = to_dict(ssl)
+        ssl_meta["augmentation"] = to_dict(train_set.view_transform.params)  # as resolved
+        meta.update(label_free=True, ssl=ssl_meta)
+    if init_info is not None:
+        meta["init_from"] = init_info
+    if bct is not None:
+        meta["bct"] = bct.record
+    if previous is not None:
+        meta["backward"] = {**previous.record, "output_map_path": cfg.backward_params.output_map_path}
+    # Label-free: only the backbone is kept (its classifier is untrained); the head is dropped.
+    # Backward maps: the backbone and B_k go to their own files.
+    saved = model.backbone if ssl is not None or previous is not None else model
+    save_model_file(cfg.output_model_path, saved, kind="backbone",
+                    arch_params=to_dict(cfg.arch_params), meta=json.loads(json.dumps(meta)))
+    print(f"model written to {cfg.output_model_path}")
+    if previous is not None:
+        _save_backward_map(cfg, model.backward_map, previous)
 
 
 def _output_files(cfg: BackboneConfig) -> dict[str, Optional[str]]:
@@ -358,12 +348,17 @@ def _knn_monitor(backbone: nn.Module, memory_set: Any, val_set: Any, cfg: Backbo
     return {"val_knn_top1": m["knn_top1"], "val_loo_top1": m["val_loo_top1"]}
 
 
-def _epoch_line(epoch: int, epochs: int, train: dict[str, float], metrics: dict[str, float]) -> str:
+def _epoch_line(epochs: int):
     """The console summary of one epoch (supervised or label-free)."""
-    head = f"epoch {epoch + 1}/{epochs}  loss {train['train_loss']:.4f}  "
-    tail = f"  {train['images_per_s']:.0f} img/s"
-    if "val_top1" in metrics:
-        return head + f"val top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}" + tail
-    if "val_knn_top1" in metrics:
-        return head + f"val k-NN top-1 {metrics['val_knn_top1']:.2f}  LOO top-1 {metrics['val_loo_top1']:.2f}" + tail
-    return head + "(no k-NN this epoch)" + tail
+
+    def describe(epoch: int, train: dict[str, float], metrics: dict[str, float]) -> str:
+        head = f"epoch {epoch + 1}/{epochs}  loss {train['train_loss']:.4f}  "
+        tail = f"  {train['images_per_s']:.0f} img/s"
+        if "val_top1" in metrics:
+            return head + f"val top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}" + tail
+        if "val_knn_top1" in metrics:
+            return (head + f"val k-NN top-1 {metrics['val_knn_top1']:.2f}  LOO top-1 "
+                    f"{metrics['val_loo_top1']:.2f}" + tail)
+        return head + "(no k-NN this epoch)" + tail
+
+    return describe

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,14 +16,11 @@ from fct.data import build_dataset
 from fct.data.datasets import take_fraction
 from fct.errors import ConfigError, UserError
 from fct.models import load_model_file, unwrap_model
-from fct.optim import build_optimizer, build_schedule
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.training.feature_cache import CachedBatches, build_feature_cache, embed_batch, file_digest
 from fct.training.loaders import check_global_batch, eval_loader, train_loader
-from fct.training.loop import StepFn, train_one_epoch
-from fct.training.backbone import wrap_ddp
+from fct.training.loop import StepFn, Trainer, fit
 from fct.training.run_folder import open_run_folder
-from fct.training.runlog import RunLog
 from fct.transformations import (
     build_transformation,
     save_transformation,
@@ -126,7 +122,6 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     """Train (or resume) h; write the transformation and the transformed old model."""
     check_global_batch(cfg.dataset_params.batch_size)  # before the process group starts
     rt = make_runtime(cfg.runtime)
-    run_dir = cfg.run_dir
     config_dict = to_dict(cfg)
     dp = cfg.dataset_params
     train_set = take_fraction(build_dataset(dp.name, dp.data_root, "train", augment=True, num_classes=dp.num_classes),
@@ -143,7 +138,7 @@ def train_transformation(cfg: TransformationConfig) -> dict:
             "has none (a feature-only model)"
         )
 
-    run = open_run_folder(run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg),
+    run = open_run_folder(cfg.run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg),
                           output_folders={"feature_cache.dir": cfg.feature_cache.dir if cfg.feature_cache.enabled
                                           else None})
     with run:
@@ -152,11 +147,6 @@ def train_transformation(cfg: TransformationConfig) -> dict:
         h.to(memory_format=torch.contiguous_format)
         val = _ValBatches(val_set, models, rt, dp.batch_size, dp.num_workers)
         _check_dims(cfg, {k: v.shape[1] for k, v in val.batches[0][0].items()})
-
-        optimizer = build_optimizer(h, cfg.optimizer_params)
-        scaler = torch.amp.GradScaler("cuda") if rt.uses_scaler else None
-        ckpt = run.checkpointer
-        start, last = ckpt.resume(h, optimizer, scaler, config_dict, cfg.epochs)
 
         per_process = dp.batch_size // dist.world_size()
         if cfg.feature_cache.enabled:
@@ -178,34 +168,21 @@ def train_transformation(cfg: TransformationConfig) -> dict:
                                            seed=cfg.seed, pin_memory=rt.device.type == "cuda")
             batches = OnTheFly(loader, sampler, models, rt)
 
-        net = wrap_ddp(h, rt)
-        if cfg.runtime.compile:
-            net = torch.compile(net)
-        step_fn = feature_step(net, new_classifier, cfg)
-        lr_at = build_schedule(cfg.lr_policy_params, cfg.optimizer_params.lr, cfg.epochs)
-        log = RunLog(run_dir, tensorboard=cfg.runtime.tensorboard, resume_epoch=start)
-        try:
-            for epoch in range(start, cfg.epochs):
-                batches.set_epoch(epoch)
-                torch.manual_seed(cfg.seed * 100_003 + epoch)
-                net.train()
-                if cfg.switch_mode_to_eval and epoch >= cfg.epochs // 2:
-                    set_bn_eval(net)
-                train = train_one_epoch(step_fn, batches, optimizer, lr_at, epoch, rt, scaler)
-                train.pop("train_top1", None)
-                metrics = validate(unwrap_model(net), val, new_classifier, cfg, rt)
-                last = {"epoch": epoch, **train, **metrics, "time": time.time()}
-                ckpt.save(epoch=epoch + 1, model=net, optimizer=optimizer, scaler=scaler, config=config_dict,
-                          extra={"last": last})
-                log.log_epoch(last)
-                if dist.is_main():
-                    print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  val loss "
-                          f"{metrics['val_loss']:.4f}  val cos {metrics['val_cosine']:.3f}  "
-                          f"{train['images_per_s']:.0f} samples/s", flush=True)
-        finally:
-            log.close()
+        def before_epoch(net: nn.Module, epoch: int) -> None:
+            if cfg.switch_mode_to_eval and epoch >= cfg.epochs // 2:
+                set_bn_eval(net)
+
+        def describe(epoch: int, train: dict[str, float], metrics: dict[str, float]) -> str:
+            return (f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  val loss "
+                    f"{metrics['val_loss']:.4f}  val cos {metrics['val_cosine']:.3f}  "
+                    f"{train['images_per_s']:.0f} samples/s")
+
+        last = fit(Trainer(model=h, batches=batches, make_step=lambda net: feature_step(net, new_classifier, cfg),
+                           validate=lambda trained, epoch: validate(trained, val, new_classifier, cfg, rt),
+                           describe=describe, before_epoch=before_epoch),
+                   cfg, run, rt, config_dict)
         if dist.is_main():
-            hh = unwrap_model(net).eval()
+            hh = h.eval()
             arch = to_dict(cfg.arch_params)
             meta = {"epochs": cfg.epochs, "seed": cfg.seed, "code_version": fct.__version__,
                     "old_model_path": cfg.old_model_path, "new_model_path": cfg.new_model_path,
