@@ -50,7 +50,8 @@ def write_backbones(folder: Path, specs: Sequence[tuple[str, int, int]] = (("old
     return folder
 
 
-def digits_backbone_config(folder: Path, epochs: int = 2, extra: str = "", name: str = "backbone.yaml") -> Path:
+def digits_backbone_config(folder: Path, epochs: int = 2, extra: str = "", name: str = "backbone.yaml",
+                           tensorboard: bool = False) -> Path:
     """A train_backbone.py config on the embedded digits data: model.pt and run/ in ``folder``."""
     text = textwrap.dedent(f"""\
         arch_params: {{arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}}
@@ -62,7 +63,7 @@ def digits_backbone_config(folder: Path, epochs: int = 2, extra: str = "", name:
         seed: 3
         output_model_path: {folder}/model.pt
         output_dir: {folder}/run
-        runtime: {{progress: false, tensorboard: false}}
+        runtime: {{progress: false, tensorboard: {str(tensorboard).lower()}}}
         """) + extra
     p = folder / name
     p.write_text(text)

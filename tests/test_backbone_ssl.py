@@ -3,9 +3,6 @@
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,8 +12,8 @@ from fct.config import BackboneConfig, load_config
 from fct.errors import UserError
 from fct.models import build_backbone, load_model_file, read_model_file, save_model_file
 from fct.training.backbone import apply_init_from
+from helpers import REPO, free_port, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ssl_config(tmp_path, epochs=2, extra=""):
@@ -53,11 +50,6 @@ def supervised_config(tmp_path, extra=""):
     return p
 
 
-def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "train_backbone.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-
 
 def assert_user_error(r, *fragments):
     assert r.returncode == 2, r.stderr
@@ -69,9 +61,9 @@ def assert_user_error(r, *fragments):
 # --------------------------------------------------------------------------- config
 def test_bad_ssl_settings_exit_2(tmp_path):
     cfg = ssl_config(tmp_path)
-    r = run_script("--config", str(cfg), "--set", "ssl_params.temperature=0")
+    r = run_script("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.temperature=0")
     assert_user_error(r, "ssl_params.temperature must be > 0")
-    r = run_script("--config", str(cfg), "--set", "ssl_params.method=byol")
+    r = run_script("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.method=byol")
     assert_user_error(r, "ssl_params.method", "'simclr'")
 
 
@@ -102,7 +94,7 @@ def test_ssl_config_loads_with_defaults_and_an_augmentation(tmp_path):
 
 # --------------------------------------------------------------------------- SimCLR runs
 def test_simclr_script_writes_a_label_free_backbone(tmp_path):
-    r = run_script("--config", str(ssl_config(tmp_path, epochs=2)))
+    r = run_script("train_backbone.py", "--config", str(ssl_config(tmp_path, epochs=2)))
     assert r.returncode == 0, r.stderr
     assert "loss" in r.stdout and "(no k-NN this epoch)" in r.stdout and "val k-NN top-1" in r.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -198,9 +190,9 @@ def test_apply_init_from_refuses_mismatches(tmp_path):
 def test_init_from_script_errors_exit_2(tmp_path):
     _save(tmp_path / "old.pt", embedding_dim=32)
     cfg = supervised_config(tmp_path)
-    r = run_script("--config", str(cfg), "--set", f"init_from={tmp_path}/old.pt")
+    r = run_script("train_backbone.py", "--config", str(cfg), "--set", f"init_from={tmp_path}/old.pt")
     assert_user_error(r, "layer3.2.conv1.weight has shape (32, 64, 3, 3)", "(16, 64, 3, 3) in the model")
-    r = run_script("--config", str(cfg), "--set", f"init_from={tmp_path}/missing.pt")
+    r = run_script("train_backbone.py", "--config", str(cfg), "--set", f"init_from={tmp_path}/missing.pt")
     assert_user_error(r, f"{tmp_path}/missing.pt does not exist")
 
 
@@ -225,11 +217,6 @@ def test_init_from_run_records_the_file_and_a_resume_wins(tmp_path):
 
 
 # --------------------------------------------------------------------------- DDP
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _simclr_first_step(rank, world, port, out_dir):
     """One SimCLR step of the training pipeline (seeded two-view loader, DDP with the frozen
@@ -273,7 +260,7 @@ def test_two_process_simclr_step_equals_one_process(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     _simclr_first_step(0, 1, 0, str(tmp_path))
-    mp.spawn(_simclr_first_step, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_simclr_first_step, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     one, r0, r1 = (torch.load(tmp_path / f, weights_only=True) for f in ("1_0.pt", "2_0.pt", "2_1.pt"))
     torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, one["loss"])
     assert one["grads"].keys() == r0["grads"].keys() and "backbone.classifier.weight" not in one["grads"]

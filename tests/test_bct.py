@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -29,8 +27,8 @@ from fct.training.compat_losses import (
     synthesised_rows_from,
 )
 from fct.transformations import save_transformation
+from helpers import REPO, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False,
               params=RuntimeParams(device="cpu", progress=False, tensorboard=False))
 
@@ -210,11 +208,6 @@ def test_quickstart_chain_configs_load():
 
 
 # --------------------------------------------------------------------------- end to end
-def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "train_backbone.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
 
 def assert_user_error(r, *fragments):
     assert r.returncode == 2, r.stderr
@@ -228,7 +221,7 @@ def test_bct_run_one_epoch(tmp_path, rows_mode):
     old = save_backbone(tmp_path / "old.pt", trained=2).eval()
     mode = "" if rows_mode is None else f", synthesised_rows: {rows_mode}"
     cfg = base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/old.pt, influence_weight: 0.5{mode}}}\n")
-    r = run_script("--config", str(cfg))
+    r = run_script("train_backbone.py", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "4 old classifier rows (2 synthesised)" in r.stdout
     meta = read_model_file(tmp_path / "new.pt")["meta"]
@@ -270,7 +263,7 @@ def test_backward_run_one_epoch(tmp_path):
           output_map_path: {tmp_path}/B2.pt
         """
     cfg = base_yaml(tmp_path, extra, dim=8)
-    r = run_script("--config", str(cfg))
+    r = run_script("train_backbone.py", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "backward map written to" in r.stdout
     head = read_model_file(tmp_path / "B2.pt")
@@ -317,13 +310,13 @@ def test_backward_run_resumes_to_identical_weights(tmp_path, killed_after_first_
 
 def test_compat_errors_exit_2(tmp_path):
     save_backbone(tmp_path / "v1.pt", dim=16)
-    r = run_script("--config", str(base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/nope.pt}}\n")))
+    r = run_script("train_backbone.py", "--config", str(base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/nope.pt}}\n")))
     assert_user_error(r, "bct_params.old_model_path", "nope.pt does not exist")
     b = build_backward_map(12, 16)  # the wrong way round: it must map v1 (16-d) to v0 (12-d)
     save_transformation(tmp_path / "B1.pt", b, b.arch_params())
     save_backbone(tmp_path / "v0.pt", dim=12)
     extra = (f"backward_params: {{previous_model_paths: [{tmp_path}/v1.pt, {tmp_path}/v0.pt], "
              f"previous_map_paths: [{tmp_path}/B1.pt], output_map_path: {tmp_path}/B2.pt}}\n")
-    r = run_script("--config", str(base_yaml(tmp_path, extra)))
+    r = run_script("train_backbone.py", "--config", str(base_yaml(tmp_path, extra)))
     assert_user_error(r, "backward_params.previous_map_paths[0]", "maps 12-d to 16-d")
     # (the embedding-width check of bct_params and the map count are covered in process above)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fct.retrieval import extract_features, retrieval_metrics
+from helpers import free_port
 
 N_ITEMS = 23  # not a multiple of world size x batch size: the sampler pads
 BATCH = 4
@@ -77,11 +77,6 @@ def test_single_process_matches_direct_forward() -> None:
     assert torch.equal(plain, feats)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(
@@ -107,7 +102,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     if not tdist.is_available() or not tdist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     single_f, single_y = extract_features(
         _model(), _data(), batch_size=BATCH, num_workers=0, device="cpu", progress=False
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from fct.ssl import (
 )
 from fct.ssl.augment import _C_FACTORS, _C_GRAY, _C_JITTER, _LUMA, _NUM_DRAWS, _YIQ, _crop_box, colour_affine
 from fct.training.loaders import EpochTaggedSampler, SeededDataset
+from helpers import free_port
 
 
 # --------------------------------------------------------------------------- NT-Xent
@@ -108,11 +108,6 @@ def test_bad_inputs_fail_clearly() -> None:
         ViewAugParams(crop_scale=(0.5, 0.2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _pairs(world: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
@@ -143,7 +138,7 @@ def test_two_processes_with_gathered_negatives_equal_one_process(tmp_path: Path)
     if not tdist.is_available() or not tdist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     world, n = 2, 5
-    mp.spawn(_gather_worker, args=(world, _free_port(), n, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_gather_worker, args=(world, free_port(), n, str(tmp_path)), nprocs=world, join=True)
     z1, z2 = _pairs(world, n)
     z1.requires_grad_(True), z2.requires_grad_(True)
     single = nt_xent_loss(z1, z2, 0.2)

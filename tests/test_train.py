@@ -2,10 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,35 +10,14 @@ from torch import nn
 from fct.config import BackboneConfig, load_config
 from fct.errors import RunError, UserError
 from fct.models import load_model_file, read_model_file
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def digits_config(tmp_path, epochs=2, extra=""):
-    text = textwrap.dedent(f"""\
-        arch_params: {{arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}}
-        optimizer_params: {{algorithm: sgd, lr: 0.1, weight_decay: 0.0005, momentum: 0.9}}
-        dataset_params: {{name: digits, num_classes: 5, num_workers: 0, batch_size: 64}}
-        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 1}}
-        epochs: {epochs}
-        label_smoothing: 0.1
-        seed: 3
-        output_model_path: {tmp_path}/model.pt
-        output_dir: {tmp_path}/run
-        runtime: {{progress: false, tensorboard: true}}
-        """) + extra
-    p = tmp_path / "backbone.yaml"
-    p.write_text(text)
-    return p
+from helpers import digits_backbone_config as digits_config, free_port, run_script
 
 
-def run_script(*args, cwd=REPO, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
 
 
 def test_train_backbone_script_one_epoch(tmp_path):
-    cfg = digits_config(tmp_path, epochs=1)
+    cfg = digits_config(tmp_path, epochs=1, tensorboard=True)
     r = run_script("train_backbone.py", "--config", str(cfg), "--set", "seed=4")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
@@ -134,11 +109,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "model.pt").exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_process_ddp_run_matches_one_process(tmp_path):
     """torchrun with 2 gloo processes: same data order and augmentation as one process; with
@@ -149,7 +119,7 @@ def test_two_process_ddp_run_matches_one_process(tmp_path):
     lr = ["--set", "optimizer_params.lr=0.02"]  # a gentle step keeps the two trajectories comparable
     r = run_script("train_backbone.py", "--config", str(digits_config(one, epochs=1)), *lr)
     assert r.returncode == 0, r.stderr
-    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                    "train_backbone.py", "--config", str(digits_config(two, epochs=1)), *lr)
     assert r.returncode == 0, r.stderr
     a, b = _weights(one / "model.pt"), _weights(two / "model.pt")
@@ -205,7 +175,7 @@ def _train_mlp(path):
 def test_ddp_gradient_path_is_exact(tmp_path):
     """Seeded augmentation + round-robin sharding + gradient averaging: 2 processes with global
     batch 32 reproduce one process with batch 32 (BN-free model), to float rounding."""
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
     _train_mlp(tmp_path / "mlp_1.pt")
     a = torch.load(tmp_path / "mlp_1.pt", weights_only=True)
     b = torch.load(tmp_path / "mlp_2.pt", weights_only=True)

@@ -1,9 +1,6 @@
 """train_transformation end to end: script + eval, cached == on-the-fly, cache reuse, errors."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,8 +10,8 @@ from fct.config import load_config
 from fct.config.transformation import TransformationConfig
 from fct.errors import UserError
 from fct.models import build_backbone, load_model_file, read_model_file, save_model_file
+from helpers import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +52,6 @@ def config(tmp_path, backbones, *, arch="MLP_BN_SIDE_PROJECTION", side=False, ca
     p.write_text(text + extra)
     return p
 
-
-def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_script_then_eval_with_transformed_gallery(tmp_path, backbones):
