@@ -34,8 +34,8 @@ class BatchNormParams:
     recompute: bool = True  # false: keep the running statistics interpolated with the weights
     num_batches: int = 50  # batches of dataset_params.batch_size (fewer if the data runs out)
     # the training transforms (random crop, flip): the statistics the weights were trained with.
-    # false: the evaluation transforms, which shifts the statistics (BENCHMARKS.md: at alpha 1 the
-    # old model then loses ~2 points of accuracy against itself as trained)
+    # false: the evaluation transforms, which shift the statistics (at alpha 1 the old model then
+    # scores below itself as trained: docs/studies/regression.md)
     augment: bool = True
 
     def __post_init__(self) -> None:

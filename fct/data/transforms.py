@@ -3,7 +3,7 @@
 All randomness comes from torch's CPU generator, which the DataLoader seeds differently in every
 worker (numpy's global RNG would repeat the same augmentations in each forked worker). To make an
 item's augmentation reproducible, seed it with ``torch.default_generator.manual_seed(s)``:
-``torch.manual_seed`` also seeds every CUDA device and costs ~0.4 ms per call.
+``torch.manual_seed`` also seeds every CUDA device, which makes it far slower per call.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def random_crop_flip(images: np.ndarray, pad: int, flip: bool) -> np.ndarray:
     images: (B, H, W, C) -> new array (B, H, W, C). Per sample, the same distribution as
     torchvision's ``RandomCrop(H, padding=pad)`` (fill 0) then ``RandomHorizontalFlip()``: offsets
     uniform in [0, 2 * pad], flip with probability 1/2, drawn from torch's RNG. Done as one numpy
-    gather over a strided view of all crop windows: per-sample torch calls cost ~5-10 us each, and
-    torch's advanced indexing was ~10x slower than numpy's for this copy.
+    gather over a strided view of all crop windows, avoiding a torch call per sample (torch's
+    advanced indexing is also slower than numpy's for this copy).
     """
     b, h, w, c = images.shape
     oy, ox, mirrored = _draws_to_params(torch.rand(b, 3).numpy(), pad)
@@ -56,8 +56,8 @@ def random_crop_flip(images: np.ndarray, pad: int, flip: bool) -> np.ndarray:
 
 
 def random_crop_flip_one(image: np.ndarray, pad: int, flip: bool) -> np.ndarray:
-    """``random_crop_flip`` for one (H, W, C) image without the batch machinery (about 3x faster
-    per image). It consumes the same random numbers, so under one seed both agree."""
+    """``random_crop_flip`` for one (H, W, C) image without the batch machinery (cheaper per
+    image). It consumes the same random numbers, so under one seed both agree."""
     h, w, _ = image.shape
     uy, ux, uf = torch.rand(3).tolist()  # python floats are doubles: same values as the batch path
     n = 2 * pad + 1

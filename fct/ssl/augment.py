@@ -3,9 +3,9 @@
 Small images (the in-memory arrays, 8..64 px) use :class:`ArrayViewTransform`: a random resized
 crop and flip done for both views at once by one ``grid_sample``, and the whole colour pipeline
 (brightness, contrast, saturation, hue, random grayscale) folded into one 3x3 matrix plus offset
-per view, applied by one batched matmul. About 10x faster than the same recipe as a
-torchvision.transforms.v2 pipeline on uint8 tensors (32x32, one thread: ~4.5 ms -> ~0.4 ms per
-pair of views), which matters when the augmentation shares a few CPU cores with the model.
+per view, applied by one batched matmul: much cheaper than the same recipe as a
+torchvision.transforms.v2 pipeline, which matters when the augmentation shares a few CPU cores
+with the model.
 Differences from torchvision's ops, by design: crop boxes are continuous (no rounding to whole
 pixels); the hue shift is a rotation in the YIQ chroma plane (linear, so it folds into the
 matrix) rather than an HSV round trip; the colour ops are clamped to [0, 1] once at the end, not

@@ -39,7 +39,7 @@ class SeededDataset(Dataset):
         # The transforms draw from torch's global CPU generator; reseeding it here (in the worker
         # process, or in the main process with num_workers=0) makes each augmentation a pure
         # function of (seed, epoch, index). Only the CPU generator: torch.manual_seed would also
-        # reseed every CUDA device, ~300x slower per call.
+        # reseed every CUDA device, far slower per call.
         torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         return self.dataset[index]
 
