@@ -24,7 +24,8 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a UserError prints one line and returns 2, a RunError returns 1."""
+    """Run ``main``; a UserError (or an OSError naming a file) prints one line and returns 2, a
+    RunError returns 1, Ctrl-C returns 130."""
     from fct import dist
 
     try:
@@ -33,6 +34,13 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         if not _reported_elsewhere(e):
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.filename is None:
+            raise  # not about a file the user named: a bug to see in full
+        # The last resort for a file system refusal no check foresaw (a folder made read-only
+        # mid-run, a full disk): one line naming the file instead of a traceback.
+        print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -38,12 +38,35 @@ from helpers import (
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """Inputs every row may name: models/old.pt, models/new.pt, a file, an empty folder."""
+    """Inputs every row may name, under one folder whose bytes no row may change: models/old.pt
+    and new.pt (16-d and 24-d backbones), models/unrelated.pt (a TorchScript module that is no
+    image model), features/ (stored embeddings), data/ (npz data sets: empty val split, labels
+    of 1000+), a file, an empty folder and a link to old.pt."""
+    import numpy as np
+    from torch import nn
+
     root = tmp_path_factory.mktemp("world")
     write_backbones(root / "models")
+    torch.jit.save(torch.jit.script(nn.Linear(10, 5)), str(root / "models" / "unrelated.pt"))
     (root / "a_file").write_text("not a folder\n")
     (root / "a_folder").mkdir()
     os.symlink(root / "models" / "old.pt", root / "link_to_old.pt")
+
+    rng = np.random.default_rng(0)
+    (root / "features").mkdir()
+    labels = np.arange(60) % 5
+    np.savez(root / "features" / "f8.npz", features=rng.normal(size=(60, 8)).astype(np.float32), labels=labels)
+    np.savez(root / "features" / "f9.npz", features=rng.normal(size=(60, 9)).astype(np.float32), labels=labels)
+    np.savez(root / "features" / "no_labels.npz", features=rng.normal(size=(60, 8)).astype(np.float32))
+
+    def npz_data(folder: Path, train: np.ndarray, val: np.ndarray) -> None:
+        folder.mkdir(parents=True)
+        for split, y in (("train", train), ("val", val)):
+            images = rng.integers(0, 256, (len(y), 8, 8, 3), dtype=np.uint8)
+            np.savez(folder / f"{split}.npz", images=images, labels=np.asarray(y, dtype=np.int64))
+
+    npz_data(root / "data" / "empty_val", np.arange(20) % 5, np.zeros(0))
+    npz_data(root / "data" / "labels_1000", 1000 + np.arange(100), 1000 + np.arange(20))
     return root
 
 
@@ -56,7 +79,7 @@ class Row:
     script: str
     args: Callable[[Path, Path], list[str]]
     fragments: tuple[str, ...]
-    guarded: tuple[str, ...] = field(default=("models",))
+    guarded: tuple[str, ...] = field(default=("models", "features", "data", "a_file", "a_folder"))
 
 
 def _backbone(*sets: str, extra: str = "") -> Callable[[Path, Path], list[str]]:
@@ -75,7 +98,81 @@ def _transformation(*sets: str) -> Callable[[Path, Path], list[str]]:
     return args
 
 
+def _eval(body: str) -> Callable[[Path, Path], list[str]]:
+    """eval.py with a config made of ``body`` (formatted with world and tmp)."""
+
+    def args(world: Path, tmp: Path) -> list[str]:
+        cfg = tmp / "eval.yaml"
+        cfg.write_text(textwrap.dedent(body).format(world=world, tmp=tmp))
+        return ["--config", str(cfg)]
+
+    return args
+
+
+def _yaml(text: str, script_args: Callable[[Path, Path], list[str]]) -> Callable[[Path, Path], list[str]]:
+    """A backbone config whose text is ``text`` (a raw YAML mistake) instead of the good one."""
+
+    def args(world: Path, tmp: Path) -> list[str]:
+        good = script_args(world, tmp)
+        Path(good[1]).write_text(textwrap.dedent(text))
+        return good
+
+    return args
+
+
+DIGITS = "dataset_params: {{name: digits, num_workers: 0, batch_size: 128}}\n"
 ROWS = [
+    # config mistakes
+    Row("unknown-key", "train_backbone", _backbone("optimizer_params.lrr=0.1"), ("optimizer_params.lrr",)),
+    Row("wrong-type", "train_backbone", _backbone("epochs=two"), ("epochs",)),
+    Row("float-that-is-no-number", "train_backbone", _backbone("optimizer_params.lr=1e-3x"),
+        ("optimizer_params.lr",)),
+    Row("infinite-learning-rate", "train_backbone", _backbone("optimizer_params.lr=.inf"),
+        ("optimizer_params.lr must be a finite number",)),
+    Row("nan-loss-weight", "train_transformation", _transformation("objective_params.similarity_loss.mu_similarity=nan"),
+        ("mu_similarity must be a finite number",)),
+    Row("key-written-twice", "train_backbone",
+        _yaml("epochs: 1\nseed: 1\nepochs: 2\n", _backbone()), ("key 'epochs' is written twice (lines 1 and 3)",)),
+    Row("yaml-syntax-error", "train_backbone", _yaml("epochs: [1, 2\nseed: 1\n", _backbone()),
+        ("not valid YAML at line",)),
+    Row("missing-config", "eval", lambda world, tmp: ["--config", str(tmp / "nope.yaml")],
+        ("config file not found",)),
+    # data
+    Row("empty-val-split", "train_backbone",
+        _backbone("dataset_params.name=npz", "dataset_params.data_root={world}/data/empty_val",
+                  "dataset_params.batch_size=4"), ("val.npz holds no images (the val split is empty)",)),
+    Row("no-label-below-num_classes", "train_backbone",
+        _backbone("dataset_params.name=npz", "dataset_params.data_root={world}/data/labels_1000",
+                  "dataset_params.num_classes=10"), ("dataset_params.num_classes=10 keeps no image",)),
+    Row("missing-data-folder", "train_backbone",
+        _backbone("dataset_params.name=npz", "dataset_params.data_root={world}/data/nothing"), ("nothing",)),
+    # models
+    Row("missing-model", "eval", _eval("query_model_path: {world}/models/nope.pt\n"
+                                         "gallery_model_path: {world}/models/old.pt\n" + DIGITS), ("nope.pt",)),
+    Row("unrelated-torchscript-gallery", "eval",
+        _eval("query_model_path: {world}/models/old.pt\ngallery_model_path: {world}/models/unrelated.pt\n" + DIGITS),
+        ("unrelated.pt does not take the data's images",)),
+    Row("unrelated-torchscript-old-model", "train_transformation",
+        _transformation("old_model_path={world}/models/unrelated.pt"), ("unrelated.pt",)),
+    Row("config-file-as-model", "eval", _eval("query_model_path: {world}/a_file\n"
+                                              "gallery_model_path: {world}/models/old.pt\n" + DIGITS), ("a_file",)),
+    Row("transformation-dims-mismatch", "train_transformation",
+        _transformation("arch_params.new_embedding_dim=32"), ("new_embedding_dim",)),
+    # stored embeddings
+    Row("features-of-two-widths", "eval", _eval("query_features_path: {world}/features/f9.npz\n"
+                                                 "gallery_features_path: {world}/features/f8.npz\n"), ("f9.npz",)),
+    Row("features-without-labels", "eval", _eval("query_features_path: {world}/features/no_labels.npz\n"
+                                                   "gallery_features_path: {world}/features/no_labels.npz\n"),
+        ("labels",)),
+    Row("results-path-is-the-features-file", "eval",
+        _eval("query_features_path: {world}/features/f8.npz\ngallery_features_path: {world}/features/f8.npz\n"
+              "results_path: {world}/features/f8.npz\n"), ("results_path is the input",)),
+    Row("results-path-is-a-folder", "eval",
+        _eval("query_features_path: {world}/features/f8.npz\ngallery_features_path: {world}/features/f8.npz\n"
+              "results_path: {world}/a_folder\n"), ("results_path", "is a directory")),
+    Row("results-path-is-the-gallery-model", "eval",
+        _eval("query_model_path: {world}/models/old.pt\ngallery_model_path: {world}/link_to_old.pt\n" + DIGITS
+              + "results_path: {world}/models/old.pt\n"), ("results_path is the input",)),
     # outputs that are inputs (same file after resolving links)
     Row("backbone-output-is-init_from", "train_backbone",
         _backbone("init_from={world}/models/old.pt", "output_model_path={world}/models/old.pt"),
@@ -121,6 +218,22 @@ def test_bad_input_is_one_line_and_exit_2(row: Row, world: Path, tmp_path: Path,
     for fragment in row.fragments:
         assert fragment in line, line
     assert snapshot(*(world / g for g in row.guarded)) == before
+
+
+def test_an_unforeseen_file_system_refusal_is_one_line(capsys) -> None:
+    from fct.cli import run_main
+
+    def main(argv):
+        raise PermissionError(13, "Permission denied", "/data/out/results.json")
+
+    assert run_main(main, []) == 2
+    assert one_error_line(capsys.readouterr().err) == "error: /data/out/results.json: Permission denied"
+
+    def bug(argv):
+        raise OSError("not about a file")
+
+    with pytest.raises(OSError):  # a bug stays visible in full
+        run_main(bug, [])
 
 
 # --------------------------------------------------------------------------------------------
