@@ -53,7 +53,8 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "resumed_from_row": s["re
 
 def make_registry(root: Path) -> None:
     from fct.compat import Edge, VersionManifest, VersionRegistry
-    from fct.transformations import build_transformation, save_transformation
+    from fct.models import save_transformation
+    from fct.transformations import build_transformation
 
     reg = VersionRegistry.create(root)
     for name, seed in (("h01", 1), ("h12", 2)):

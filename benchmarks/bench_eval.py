@@ -5,12 +5,16 @@
 (b) At a smaller N: the fast path against the naive reference (full matrix, row sorts,
     Python loop), side by side: speed ratio and the largest metric difference.
 (c) FAISS flat index against the torch backend for the top-5 neighbour lists.
+(d) One eval.py case with per-class results and a reference case (flips), leave-one-out, l2:
+    the evaluated case ranked once, its ranks shared by the metrics, the per-class CMC and the
+    flips (what ``evaluate`` does), against a ranking pass for each of the three (what it did
+    before the engine returned per-query ranks). Both include the reference case's own pass.
 
 Embeddings lie on a 1/64 grid so float32 arithmetic on them is exact and both paths see the
 same distances (ties included); the ranking is then identical by construction, not by luck.
 
-    python benchmarks/bench_eval.py                     # full run (a: 50k, b: 10k, c: 10k+50k)
-    python benchmarks/bench_eval.py --n 20000 --n-small 2000 --knn-sizes 2000   # quick
+    python benchmarks/bench_eval.py                     # full run (a: 50k, b: 10k, c: 10k+50k, d: 20k)
+    python benchmarks/bench_eval.py --n 20000 --n-small 2000 --knn-sizes 2000 --n-case 2000   # quick
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fct.retrieval import knn, retrieval_metrics  # noqa: E402
-from fct.retrieval.metrics import cmc_from_neighbors  # noqa: E402
+from fct.regression.flips import retrieval_flips  # noqa: E402
+from fct.retrieval import KNN_BACKENDS, rank_queries, retrieval_metrics  # noqa: E402
+from fct.retrieval.metrics import cmc_from_neighbors, per_class_cmc  # noqa: E402
 from fct.retrieval.reference import naive_retrieval_metrics  # noqa: E402
 
 METRIC_KEYS = ("top1", "top5", "mAP")
@@ -94,7 +99,7 @@ def knn_backends(n: int, repeats: int) -> dict[str, Any]:
     rows: dict[str, Any] = {"n": n}
     for backend in ("torch", "faiss"):
         try:
-            times, (_, idx) = timed(lambda: knn(x, x, 5, exclude_self=True, backend=backend), repeats)
+            times, (_, idx) = timed(lambda: KNN_BACKENDS.get(backend)(x, x, 5, exclude_self=True), repeats)
         except Exception as e:  # faiss missing: report, do not fail the benchmark
             rows[backend] = {"error": str(e)}
             continue
@@ -102,6 +107,38 @@ def knn_backends(n: int, repeats: int) -> dict[str, Any]:
     times, cmc = timed(lambda: retrieval_metrics(x, y, x, y, exclude_self=True, compute_map=False), repeats)
     rows["torch_cmc_only"] = {"seconds": statistics.median(times), "top1": cmc["top1"], "top5": cmc["top5"]}
     return rows
+
+
+def case_passes(n: int, repeats: int) -> dict[str, Any]:
+    """Part (d): the work of one eval.py case with per_class and a reference, by each route;
+    runs alternate so that a change of machine load hits both."""
+    x, y = make_embeddings(n, seed=3)
+    old, _ = make_embeddings(n, seed=4)  # the reference case: other features of the same images
+    kw: dict[str, Any] = dict(exclude_self=True)
+
+    def separate() -> dict[str, Any]:
+        metrics = retrieval_metrics(x, y, x, y, topk=(1, 5), **kw)
+        per_class = per_class_cmc(rank_queries(x, y, x, y, compute_map=False, **kw), y, (1, 5))
+        new_rank = rank_queries(x, y, x, y, compute_map=False, **kw).first_positive_rank
+        ref_rank = rank_queries(old, y, old, y, compute_map=False, **kw).first_positive_rank
+        return {"metrics": metrics, "per_class": per_class, "flips": retrieval_flips(ref_rank, new_rank)["nfr"]}
+
+    def shared() -> dict[str, Any]:
+        ranks = rank_queries(x, y, x, y, **kw)
+        metrics = retrieval_metrics(x, y, x, y, topk=(1, 5), ranks=ranks, **kw)
+        per_class = per_class_cmc(ranks, y, (1, 5))
+        ref_rank = rank_queries(old, y, old, y, compute_map=False, **kw).first_positive_rank
+        return {"metrics": metrics, "per_class": per_class,
+                "flips": retrieval_flips(ref_rank, ranks.first_positive_rank)["nfr"]}
+
+    runs: dict[str, list[float]] = {"separate": [], "shared": []}
+    outputs = {}
+    for _ in range(repeats):
+        for name, fn in (("separate", separate), ("shared", shared)):
+            times, outputs[name] = timed(fn, 1)
+            runs[name] += times
+    return {"n": n, "runs": runs, "identical": outputs["separate"] == outputs["shared"],
+            "top1": outputs["shared"]["metrics"]["top1"], "nfr": outputs["shared"]["flips"]}
 
 
 def report_a(a: list[dict[str, Any]], n: int) -> list[str]:
@@ -160,12 +197,32 @@ def report_c(c: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def report_d(d: dict[str, Any]) -> list[str]:
+    med = {k: statistics.median(v) for k, v in d["runs"].items()}
+    return [
+        f"(d) one eval.py case with per_class and a reference (flips), {d['n']:,} x 128-d, leave-one-out, "
+        f"l2 (median of {len(d['runs']['shared'])} alternating runs; both include the reference pass):",
+        "",
+        "| route | passes over the evaluated case | seconds | runs s |",
+        "| --- | --- | --- | --- |",
+        f"| one shared pass (evaluate now) | 1 | {med['shared']:.2f} | "
+        f"{', '.join(f'{t:.2f}' for t in d['runs']['shared'])} |",
+        f"| a pass per result (evaluate before) | 3 | {med['separate']:.2f} | "
+        f"{', '.join(f'{t:.2f}' for t in d['runs']['separate'])} |",
+        "",
+        f"Outputs identical: {d['identical']} (top-1 {d['top1']:.2f}, NFR {d['nfr']:.2f}); "
+        f"{med['separate'] / med['shared']:.2f}x.",
+        "",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="abc", help="which parts to run, e.g. 'a' or 'bc'")
+    ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'a' or 'bc'")
     ap.add_argument("--n", type=int, default=50_000, help="size of part (a)")
     ap.add_argument("--n-small", type=int, default=10_000, help="size of part (b)")
     ap.add_argument("--knn-sizes", type=int, nargs="*", default=[10_000, 50_000], help="sizes of part (c)")
+    ap.add_argument("--n-case", type=int, default=20_000, help="size of part (d)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-repeats", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -190,6 +247,9 @@ def main() -> None:
     if "c" in args.parts:
         results["c"] = [knn_backends(n, args.repeats) for n in args.knn_sizes]
         body += report_c(results["c"])
+    if "d" in args.parts:
+        results["d"] = case_passes(args.n_case, args.repeats)
+        body += report_d(results["d"])
     results["load_average_at_end"] = os.getloadavg()[0]
     lines += [f"Environment: {env}; at end {results['load_average_at_end']:.2f}.", "", *body]
     print("\n".join(lines))

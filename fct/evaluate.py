@@ -3,105 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from fct import dist
+from fct.config import EvalConfig
 from fct.config.loader import to_dict
-from fct.config import DatasetParams, EvalConfig
 from fct.errors import UserError
 from fct.io import atomic_save_npy, atomic_write_json
 from fct.outputs import check_outputs
+from fct.regression.flips import flip_report, flips_path
 from fct.report import format_table
+from fct.retrieval.backfilling import BACKFILL_ORDERS, BackfillInputs, backfilling_curves, check_orderings
+from fct.retrieval.embeddings import Embeddings, check_same_images, embeddings_for, leave_one_out
+from fct.retrieval.engine import rank_queries
+from fct.retrieval.knn import KNN_BACKENDS
+from fct.retrieval.metrics import needs_exact_pass, per_class_cmc, retrieval_metrics
 from fct.runtime import Runtime, make_runtime
-from fct.transformations.heads import uncertainty_score
-
-
-@dataclass
-class Embeddings:
-    features: torch.Tensor  # (N, D) float32, CPU
-    labels: torch.Tensor  # (N,) int64
-    source: str  # the file it came from
-    # (N,) larger = more uncertain (FastFill), or None when the source predicts none
-    uncertainty: Optional[torch.Tensor] = None
-
-
-def load_feature_file(path: str) -> Embeddings:
-    """An ``.npz`` with ``features`` float (N, D) and ``labels`` int (N,); optionally
-    ``log_variance`` float (N,) or (N, S), a FastFill gallery's predicted uncertainty."""
-    if not os.path.isfile(path):
-        raise UserError(f"features file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("features", "labels") if k not in z.files]
-            if missing:
-                raise UserError(f"{path}: missing array(s) {', '.join(missing)}; found {', '.join(z.files) or 'none'}")
-            feats, labels = z["features"], z["labels"]
-            log_var = z["log_variance"] if "log_variance" in z.files else None
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - zip/format errors of any kind
-        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-        raise UserError(f"{path}: 'features' must be a float array (N, D), got {feats.dtype} {feats.shape}")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(feats):
-        raise UserError(
-            f"{path}: 'labels' must be an int array (N,) with N={len(feats)}, got {labels.dtype} {labels.shape}"
-        )
-    uncertainty = None
-    if log_var is not None:
-        if log_var.ndim not in (1, 2) or len(log_var) != len(feats) or not np.issubdtype(log_var.dtype, np.floating):
-            raise UserError(
-                f"{path}: 'log_variance' must be a float array (N,) or (N, S) with N={len(feats)}, "
-                f"got {log_var.dtype} {log_var.shape}"
-            )
-        uncertainty = uncertainty_score(torch.from_numpy(log_var.astype(np.float32).reshape(len(feats), -1)))
-    return Embeddings(torch.from_numpy(feats.astype(np.float32, copy=False)),
-                      torch.from_numpy(labels.astype(np.int64, copy=False)), path, uncertainty)
-
-
-def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddings:
-    """Embeddings of the evaluation split (all classes) under the model in ``model_path``."""
-    from fct.data import build_dataset
-    from fct.models import load_model_file
-    from fct.retrieval.features import extract_features, extract_features_and_uncertainty
-
-    dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None)
-    # a foreign (TorchScript) model is first tried on one batch of the data's images
-    model = load_model_file(model_path, map_location="cpu", example_input=dataset[0][0])
-    model = rt.prepare_model(model).eval()
-    kw = dict(batch_size=max(1, dp.batch_size // dist.world_size()), num_workers=dp.num_workers,
-              device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last,
-              progress=rt.params.progress)
-    transformation = getattr(model, "transformation", None)
-    if getattr(transformation, "has_uncertainty", False):
-        # A transformed old model with a FastFill head: its uncertainty orders the backfilling.
-        feats, labels, log_var = extract_features_and_uncertainty(model, dataset, **kw)
-        return Embeddings(feats, labels, model_path, uncertainty_score(log_var))
-    feats, labels = extract_features(model, dataset, **kw)
-    return Embeddings(feats.float().cpu(), labels.cpu(), model_path)
-
-
-def per_class_cmc(per_query: dict[str, torch.Tensor], labels: torch.Tensor,
-                  topk: tuple[int, ...]) -> dict[str, dict[str, float | int]]:
-    """CMC top-k per query class from the per-query rank of the nearest positive, with the
-    class's query count and how many of them have a positive (a query without one is a miss,
-    so a class of 0 such queries scores 0 for a reason the counts make visible)."""
-    rank = per_query["first_positive_rank"].cpu()
-    labels = labels.cpu()
-    out: dict[str, dict[str, float | int]] = {}
-    for c in torch.unique(labels).tolist():
-        r = rank[labels == c]
-        entry: dict[str, float | int] = {f"top{k}": 100.0 * ((r >= 1) & (r <= k)).float().mean().item()
-                                         for k in topk}
-        entry["queries"] = int(len(r))
-        entry["queries_with_positives"] = int((r >= 1).sum())
-        out[str(c)] = entry
-    return out
 
 
 # Config keys of the files eval.py reads.
@@ -128,8 +48,6 @@ def _backfilling_plot_path(cfg: EvalConfig) -> Optional[str]:
 
 def output_files(cfg: EvalConfig) -> dict[str, Optional[str]]:
     """Every file an evaluation of ``cfg`` writes, by the config key that sets it (None: not written)."""
-    from fct.regression.flips import _default_flips_path
-
     ep = cfg.eval_params
     files: dict[str, Optional[str]] = {"results_path": cfg.results_path}
     if ep.backfilling is not None:
@@ -139,7 +57,7 @@ def output_files(cfg: EvalConfig) -> dict[str, Optional[str]]:
             _backfilling_plot_path(cfg)
     if _has_reference(cfg):
         files["flips_path" if cfg.flips_path else "flips_path (its default, beside results_path)"] = \
-            _default_flips_path(cfg)
+            flips_path(cfg)
     return files
 
 
@@ -162,60 +80,21 @@ def check_eval_outputs(cfg: EvalConfig, config_path: Optional[str] = None) -> No
         seen[real] = key
 
 
-def _side(cfg: EvalConfig, side: str, rt: Runtime, cache: dict[str, Embeddings]) -> Embeddings:
-    feats_path = getattr(cfg, f"{side}_features_path")
-    if feats_path is not None:
-        key = "features:" + os.path.realpath(feats_path)
-        if key not in cache:
-            cache[key] = load_feature_file(feats_path)
-        return cache[key]
-    model_path = getattr(cfg, f"{side}_model_path")
-    key = "model:" + os.path.realpath(model_path)
-    if key not in cache:
-        assert cfg.dataset_params is not None  # checked by EvalConfig
-        cache[key] = model_embeddings(model_path, cfg.dataset_params, rt)
-    return cache[key]
-
-
-def _leave_one_out(cfg: EvalConfig, q: Embeddings, g: Embeddings) -> bool:
-    """Leave-one-out when queries and gallery are the same images: the evaluation split under two
-    models, or one features file on both sides (or when eval_params.leave_one_out says so)."""
-    setting = cfg.eval_params.leave_one_out
-    if setting != "auto":
-        same = bool(setting)
-    elif cfg.query_model_path is not None and cfg.gallery_model_path is not None:
-        same = True
-    else:
-        same = (
-            cfg.query_features_path is not None
-            and cfg.gallery_features_path is not None
-            and os.path.realpath(cfg.query_features_path) == os.path.realpath(cfg.gallery_features_path)
-        )
-    if same and (len(q.labels) != len(g.labels) or not torch.equal(q.labels, g.labels)):
-        raise UserError(
-            "leave-one-out needs the same images on both sides, but the query and gallery labels differ "
-            f"({len(q.labels)} vs {len(g.labels)} items); set eval_params.leave_one_out: false"
-        )
-    return same
-
-
 def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
              cache: Optional[dict[str, Embeddings]] = None, config_path: Optional[str] = None) -> dict:
     """Run one evaluation case; returns the results dict (also written to ``cfg.results_path``).
 
     config_path: the config file the case came from, refused as an output like every input.
-    An undefined metric (mAP when no query has a positive) is None, never NaN."""
-    from fct.retrieval import retrieval_metrics
-
+    An undefined metric (mAP when no query has a positive) is None, never NaN. The metrics, the
+    per-class results and the flips all come from one exact ranking pass over the queries."""
     check_eval_outputs(cfg, config_path)
+    KNN_BACKENDS.get(cfg.eval_params.knn_backend)  # an unknown name fails before any feature is computed
     if cfg.eval_params.backfilling is not None:
-        from fct.retrieval.backfilling import check_orderings
-
-        check_orderings(_ordering_names(cfg))  # before any feature is computed
+        check_orderings(_ordering_names(cfg))
     rt = rt or make_runtime(cfg.runtime)
     cache = {} if cache is None else cache
-    q = _side(cfg, "query", rt, cache)
-    g = _side(cfg, "gallery", rt, cache)
+    q = embeddings_for(cfg, "query", rt, cache)
+    g = embeddings_for(cfg, "gallery", rt, cache)
     if q.features.shape[1] != g.features.shape[1]:
         raise UserError(
             f"query embeddings are {q.features.shape[1]}-d ({q.source}) but gallery embeddings are "
@@ -223,59 +102,67 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
             "transformation into the query model's space"
         )
     ep = cfg.eval_params
-    loo = _leave_one_out(cfg, q, g)
-    metrics: dict = {}
-    if dist.is_main():
-        metrics = retrieval_metrics(
-            q.features.to(rt.device), q.labels.to(rt.device), g.features.to(rt.device), g.labels.to(rt.device),
-            metric=ep.distance_metric, exclude_self=loo, topk=tuple(ep.topk), compute_map=ep.compute_map,
-            knn_backend=ep.knn_backend, chunk_size=ep.chunk_size, progress=rt.params.progress and ep.verbose,
-        )
-    result = {
-        **{k: v for k, v in metrics.items()},
-        "case": {
-            "query": q.source,
-            "gallery": g.source,
-            "distance_metric": ep.distance_metric,
-            "leave_one_out": loo,
-            "num_queries": int(len(q.labels)),
-            "num_gallery": int(len(g.labels)),
-            "dataset": to_dict(cfg.dataset_params) if cfg.dataset_params else None,
-        },
-    }
+    loo = leave_one_out(cfg)
+    if loo:
+        check_same_images(q, g)
     if _has_reference(cfg):
         # every rank: extracting the reference models' features is collective under torchrun
-        _side(cfg, "reference_query", rt, cache)
-        _side(cfg, "reference_gallery", rt, cache)
-        if dist.is_main():
-            from fct.regression.flips import flip_report
-
-            result["flips"] = flip_report(cfg, rt, cache, q, g, loo)
-            if ep.verbose:
-                r = result["flips"]["retrieval"]
-                print(f"flips vs reference: retrieval NFR {r['nfr']:.2f}%  PFR {r['pfr']:.2f}%")
-    if ep.per_class and dist.is_main():
-        from fct.retrieval.metrics import retrieval_per_query
-
-        per_q = retrieval_per_query(q.features.to(rt.device), q.labels.to(rt.device), g.features.to(rt.device),
-                                    g.labels.to(rt.device), metric=ep.distance_metric, exclude_self=loo,
-                                    compute_map=False, chunk_size=ep.chunk_size)
-        result["per_class"] = per_class_cmc(per_q, q.labels, tuple(ep.topk))
-    if ep.backfilling is not None and dist.is_main():
-        result["backfilling"] = _backfilling(cfg, rt, q, g, loo)
-    if dist.is_main():
-        if cfg.results_path:
-            atomic_write_json(result, cfg.results_path)
+        embeddings_for(cfg, "reference_query", rt, cache)
+        embeddings_for(cfg, "reference_gallery", rt, cache)
+    result: dict = {"case": _case(cfg, q, g, loo)}
+    if not dist.is_main():
+        return result
+    dev = rt.device
+    qf, ql, gf, gl = q.features.to(dev), q.labels.to(dev), g.features.to(dev), g.labels.to(dev)
+    ranks = None
+    if ep.per_class or _has_reference(cfg) or needs_exact_pass(ep.compute_map, ep.knn_backend):
+        ranks = rank_queries(qf, ql, gf, gl, metric=ep.distance_metric, exclude_self=loo,
+                             compute_map=ep.compute_map, chunk_size=ep.chunk_size,
+                             progress=rt.params.progress and ep.verbose)
+    metrics = retrieval_metrics(qf, ql, gf, gl, metric=ep.distance_metric, exclude_self=loo, topk=tuple(ep.topk),
+                                compute_map=ep.compute_map, knn_backend=ep.knn_backend, chunk_size=ep.chunk_size,
+                                ranks=ranks)
+    result = {**metrics, **result}
+    if ranks is not None and _has_reference(cfg):
+        result["flips"] = flip_report(cfg, rt, cache, q, ranks)
         if ep.verbose:
-            cols = [f"top{k}" for k in ep.topk] + (["mAP"] if ep.compute_map else [])
-            print(format_table(["query", "gallery"] + cols,
-                               [[Path(q.source).name, Path(g.source).name] + [result.get(c) for c in cols]]))
-            if ep.compute_map and result.get("mAP") is None:
-                print(f"mAP n/a: none of the {result.get('num_queries')} queries has a positive "
-                      "in the gallery")
-            if cfg.results_path:
-                print(f"results written to {cfg.results_path}")
+            r = result["flips"]["retrieval"]
+            print(f"flips vs reference: retrieval NFR {r['nfr']:.2f}%  PFR {r['pfr']:.2f}%")
+    if ranks is not None and ep.per_class:
+        result["per_class"] = per_class_cmc(ranks, q.labels, tuple(ep.topk))
+    if ep.backfilling is not None:
+        result["backfilling"] = _backfilling(cfg, rt, q, g, loo)
+    if cfg.results_path:
+        atomic_write_json(result, cfg.results_path)
+    if ep.verbose:
+        _print_results(cfg, result)
     return result
+
+
+def _print_results(cfg: EvalConfig, result: dict) -> None:
+    """The case's metrics as a one-row table on the console."""
+    ep, case = cfg.eval_params, result["case"]
+    cols = [f"top{k}" for k in ep.topk] + (["mAP"] if ep.compute_map else [])
+    print(format_table(["query", "gallery"] + cols,
+                       [[Path(case["query"]).name, Path(case["gallery"]).name] + [result.get(c) for c in cols]]))
+    if ep.compute_map and result.get("mAP") is None:
+        print(f"mAP n/a: none of the {result.get('num_queries')} queries has a positive "
+              "in the gallery")
+    if cfg.results_path:
+        print(f"results written to {cfg.results_path}")
+
+
+def _case(cfg: EvalConfig, q: Embeddings, g: Embeddings, loo: bool) -> dict:
+    """The results' description of the case: what was compared, how, on what data."""
+    return {
+        "query": q.source,
+        "gallery": g.source,
+        "distance_metric": cfg.eval_params.distance_metric,
+        "leave_one_out": loo,
+        "num_queries": int(len(q.labels)),
+        "num_gallery": int(len(g.labels)),
+        "dataset": to_dict(cfg.dataset_params) if cfg.dataset_params else None,
+    }
 
 
 def _ordering_names(cfg: EvalConfig) -> list[str]:
@@ -287,7 +174,6 @@ def _backfilling(cfg: EvalConfig, rt: Runtime, q: Embeddings, g: Embeddings, loo
     """Backfilling curves of the gallery ``g`` (h(old)) towards the query model's features of the
     same images (new/new); writes the reference's ``.npy``, a PNG plot, and returns the JSON part."""
     from fct.plots import plot_backfilling
-    from fct.retrieval.backfilling import BACKFILL_ORDERS, BackfillInputs, backfilling_curves
 
     ep = cfg.eval_params
     assert ep.backfilling is not None

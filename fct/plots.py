@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from fct.io import atomic_savefig
@@ -11,7 +12,9 @@ if TYPE_CHECKING:
     from fct.retrieval.backfilling import BackfillCurve
 
 
-def _pyplot():
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (files only, no display needed), imported only when
+    a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -24,7 +27,7 @@ def plot_backfilling(curves: dict[str, "BackfillCurve"], path: str | os.PathLike
     """One panel per metric (top-k, mAP), x = backfilled fraction of the gallery in percent, one
     line per ordering with its AUC (mean of the points) in the legend; several runs (random)
     show their mean with a min-max band."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = list(next(iter(curves.values())).values)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, m in zip(axes[0], metrics):

@@ -14,7 +14,8 @@ from fct.config import RuntimeParams
 from fct.config.transformation import TransformationConfig
 from fct.data import build_dataset
 from fct.errors import UserError
-from fct.models import BackboneOutput, build_backbone, load_model_file, read_model_file, save_model_file
+from fct.models import (BackboneOutput, build_backbone, load_model_file, read_model_file, save_model_file,
+                        save_transformation)
 from fct.runtime import Runtime
 from fct.training.compat_losses import (
     build_backward_map,
@@ -26,7 +27,6 @@ from fct.training.compat_losses import (
     old_classifier_rows,
     synthesised_rows_from,
 )
-from fct.transformations import save_transformation
 from helpers import REPO, run_script
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False,

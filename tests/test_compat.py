@@ -25,7 +25,8 @@ from fct.compat import (
 from fct.compat import convert as convert_mod
 from fct.compat.convert import convert_embeddings, open_features
 from fct.errors import UserError
-from fct.transformations import build_transformation, save_transformation
+from fct.models import save_transformation
+from fct.transformations import build_transformation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,11 +14,11 @@ from fct.compat.chain import evaluate_chain
 from fct.config import load_config
 from fct.config.chain import ChainConfig
 from fct.errors import ConfigError, UserError
-from fct.evaluate import model_embeddings
-from fct.models import build_backbone, save_model_file
+from fct.models import build_backbone, save_model_file, save_transformation
 from fct.retrieval import retrieval_metrics
+from fct.retrieval.embeddings import model_embeddings
 from fct.runtime import make_runtime
-from fct.transformations import build_transformation, save_transformation
+from fct.transformations import build_transformation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -232,3 +232,45 @@ def test_map_is_null_when_no_query_has_a_positive(tmp_path, rows):
     assert res["top1"] == 0.0 and res["num_queries"] == rows
     assert res["per_class"]["0"] == {"top1": 0.0, "top5": 0.0, "queries": 1, "queries_with_positives": 0}
     assert "n/a" in r.stdout and "nan" not in r.stdout.lower()
+
+
+@pytest.mark.parametrize("knn_backend", ["torch", "faiss"])
+def test_one_ranking_pass_serves_metrics_per_class_and_flips(tmp_path, monkeypatch, knn_backend):
+    # The evaluated case is ranked once; only the reference case gets a pass of its own. Its
+    # per-class results and flips equal those computed from passes of their own.
+    if knn_backend == "faiss":
+        pytest.importorskip("faiss")
+    import fct.evaluate
+    import fct.regression.flips
+    from fct.config import from_dict
+    from fct.regression.flips import retrieval_flips
+    from fct.retrieval.engine import rank_queries
+    from fct.retrieval.metrics import per_class_cmc
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 6, size=120)
+    new, old = (np.round(rng.normal(size=(120, 4)) * 4).astype(np.float32) for _ in range(2))
+    np.savez(tmp_path / "new.npz", features=new, labels=labels)
+    np.savez(tmp_path / "old.npz", features=old, labels=labels)
+    cfg = from_dict(EvalConfig, {
+        "query_features_path": str(tmp_path / "new.npz"), "gallery_features_path": str(tmp_path / "new.npz"),
+        "reference_query_features_path": str(tmp_path / "old.npz"),
+        "reference_gallery_features_path": str(tmp_path / "old.npz"), "results_path": str(tmp_path / "r.json"),
+        "eval_params": {"per_class": True, "verbose": False, "knn_backend": knn_backend},
+        "runtime": {"device": "cpu", "progress": False}})
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["compute_map"])
+        return rank_queries(*args, **kwargs)
+
+    monkeypatch.setattr(fct.evaluate, "rank_queries", counted)
+    monkeypatch.setattr(fct.regression.flips, "rank_queries", counted)
+    res = evaluate(cfg)
+    assert calls == [True, False]  # the evaluated case (with AP), then the reference case
+    y = torch.as_tensor(labels)
+    own = rank_queries(torch.from_numpy(new), y, torch.from_numpy(new), y, exclude_self=True, compute_map=False)
+    ref = rank_queries(torch.from_numpy(old), y, torch.from_numpy(old), y, exclude_self=True, compute_map=False)
+    assert res["per_class"] == per_class_cmc(own, y, (1, 5))
+    flips = retrieval_flips(ref.first_positive_rank, own.first_positive_rank)
+    assert res["flips"]["retrieval"]["nfr"] == flips["nfr"] and res["flips"]["retrieval"]["pfr"] == flips["pfr"]

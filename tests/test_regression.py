@@ -26,6 +26,8 @@ from fct.regression import (
     recompute_bn_stats,
     retrieval_flips,
 )
+from fct.retrieval.embeddings import embeddings_for
+from fct.retrieval.engine import rank_queries
 from fct.runtime import make_runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,11 +94,9 @@ def test_flip_report_on_feature_files(tmp_path):
         "reference_query_features_path": str(tmp_path / "old.npz"),
         "reference_gallery_features_path": str(tmp_path / "old.npz"),
         "results_path": str(tmp_path / "res.json"), "runtime": {"device": "cpu", "progress": False}})
-    from fct.evaluate import _side
-
     rt, cache = make_runtime(cfg.runtime), {}
-    q, g = _side(cfg, "query", rt, cache), _side(cfg, "gallery", rt, cache)
-    rep = flip_report(cfg, rt, cache, q, g, exclude_self=True)
+    q, g = embeddings_for(cfg, "query", rt, cache), embeddings_for(cfg, "gallery", rt, cache)
+    rep = flip_report(cfg, rt, cache, q, rank_queries(q.features, q.labels, g.features, g.labels, exclude_self=True))
     assert rep["retrieval"]["nfr"] == pytest.approx(75.0) and rep["retrieval"]["pfr"] == 0.0
     assert rep["classification"] is None  # feature files have no classifier
     assert rep["reference"]["leave_one_out"] is True

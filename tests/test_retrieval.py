@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import fct.retrieval.metrics as metrics_mod
+import fct.retrieval.engine as engine_mod
 from fct.errors import ConfigError, UserError
-from fct.retrieval import KNN_BACKENDS, cmc_from_neighbors, knn, retrieval_metrics
-from fct.retrieval.metrics import retrieval_per_query
-from fct.retrieval import native
+from fct.retrieval import KNN_BACKENDS, cmc_from_neighbors, native, rank_queries, retrieval_metrics
+from fct.retrieval.engine import QueryRanks, queries_with_positives
+from fct.retrieval.metrics import per_class_cmc
 from fct.retrieval.reference import naive_distances, naive_retrieval_metrics
 
 # Both ways of counting in the mAP pass: the torch ops, and the compiled kernel when this
@@ -67,9 +67,11 @@ def test_leave_one_out_by_hand() -> None:
     ref = naive_retrieval_metrics(x, y, x, y, exclude_self=True, topk=(1, 3, 5))
     for k, v in expected.items():
         assert ref[k] == pytest.approx(v, abs=1e-9), k
-    per_q = retrieval_per_query(x, y, x, y, exclude_self=True)
-    assert per_q["first_positive_rank"].tolist() == [1, 1, 4, 3, 2, 0]
-    ap = per_q["ap"]
+    ranks = rank_queries(x, y, x, y, exclude_self=True)
+    assert ranks.first_positive_rank.tolist() == [1, 1, 4, 3, 2, 0]
+    assert ranks.num_positives.tolist() == [2, 2, 1, 2, 1, 0]
+    ap = ranks.ap
+    assert ap is not None
     assert torch.allclose(ap[:5], torch.tensor([5 / 6, 5 / 6, 1 / 4, 5 / 12, 1 / 2], dtype=ap.dtype))
     assert math.isnan(float(ap[5]))
 
@@ -240,8 +242,8 @@ def test_both_counting_methods_equal_naive(
 ) -> None:
     # Force the count: 0 = searchsorted (torch; the kernel then picks its own count); n buckets
     # per row, from very coarse (nearly every item needs the exact search) to very fine.
-    monkeypatch.setattr(metrics_mod, "_FORCE_NUM_BUCKETS", num_buckets)
-    monkeypatch.setattr(metrics_mod, "_USE_NATIVE", use_native)
+    monkeypatch.setattr(engine_mod, "_FORCE_NUM_BUCKETS", num_buckets)
+    monkeypatch.setattr(engine_mod, "_USE_NATIVE", use_native)
     make = _grid_data if metric == "l2" else _cosine_grid_data
     for n, d, classes in [(300, 2, 4), (300, 16, 60), (400, 32, 5)]:
         x, y = make(n, d, classes, seed=n * d)
@@ -255,8 +257,8 @@ def test_both_counting_methods_equal_naive(
 def test_bucket_counting_with_many_ties_and_duplicates(
     monkeypatch: pytest.MonkeyPatch, num_buckets: int, use_native: bool
 ) -> None:
-    monkeypatch.setattr(metrics_mod, "_FORCE_NUM_BUCKETS", num_buckets)
-    monkeypatch.setattr(metrics_mod, "_USE_NATIVE", use_native)
+    monkeypatch.setattr(engine_mod, "_FORCE_NUM_BUCKETS", num_buckets)
+    monkeypatch.setattr(engine_mod, "_USE_NATIVE", use_native)
     gen = torch.Generator().manual_seed(3)
     # Integer points on a line: many exact duplicates (distance 0) and equal distances.
     x = torch.randint(-4, 5, (400, 1), generator=gen).float()
@@ -295,17 +297,17 @@ def test_native_histogram_by_hand_and_against_searchsorted(threads: int) -> None
 def test_native_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FCT_NATIVE", "0")
     assert not native.available()
-    monkeypatch.setattr(metrics_mod, "_USE_NATIVE", None)
-    assert not metrics_mod._native_counting(torch.device("cpu"))
+    monkeypatch.setattr(engine_mod, "_USE_NATIVE", None)
+    assert not engine_mod._native_counting(torch.device("cpu"))
     x, y = _grid_data(200, 8, 10, seed=1)
     ref = naive_retrieval_metrics(x, y, x, y, exclude_self=True, topk=(1, 5))
     _assert_close(retrieval_metrics(x, y, x, y, exclude_self=True), ref, keys=("top1", "top5", "mAP"))
 
 
 def test_auto_counting_picks_buckets_for_many_classes() -> None:
-    assert metrics_mod._num_buckets(100, 10_000) > 0  # CIFAR-100 leave-one-out
-    assert metrics_mod._num_buckets(50, 50_000) > 0  # ImageNet-1k validation
-    assert metrics_mod._num_buckets(500, 1000) == 0  # two classes: searchsorted
+    assert engine_mod._num_buckets(100, 10_000) > 0  # CIFAR-100 leave-one-out
+    assert engine_mod._num_buckets(50, 50_000) > 0  # ImageNet-1k validation
+    assert engine_mod._num_buckets(500, 1000) == 0  # two classes: searchsorted
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -338,12 +340,59 @@ def test_compute_map_false_gives_same_cmc() -> None:
     assert cmc["top1"] == full["top1"] and cmc["top5"] == full["top5"]
     assert cmc["queries_with_positives"] == full["queries_with_positives"] == full["num_map_queries"]
     # the count from labels alone (the FAISS path without mAP): labels 0, 0, 1, 2 and a gallery 0, 1, 1, 3
-    from fct.retrieval.metrics import queries_with_positives
-
     ql, gl = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 3])
     assert queries_with_positives(ql, gl, exclude_self=False) == 3  # label 2 is not in the gallery
     assert queries_with_positives(ql, gl, exclude_self=True) == 2  # query 0's only positive is itself
     assert queries_with_positives(y, y, exclude_self=True) == full["queries_with_positives"]
+
+
+def _naive_first_positive_rank(q: torch.Tensor, qy: torch.Tensor, g: torch.Tensor, gy: torch.Tensor,
+                               exclude_self: bool) -> list[int]:
+    """1 + the negatives at distance <= the nearest positive (pessimistic ties); 0 without one."""
+    dist = naive_distances(q, g, "l2")
+    out = []
+    for i in range(len(qy)):
+        keep = np.arange(len(gy)) != i if exclude_self else np.ones(len(gy), dtype=bool)
+        pos = keep & (gy.numpy() == int(qy[i]))
+        if not pos.any():
+            out.append(0)
+            continue
+        nearest = dist[i, pos].min()
+        out.append(1 + int((keep & ~pos & (dist[i] <= nearest)).sum()))
+    return out
+
+
+@pytest.mark.parametrize("use_native", COUNTING)
+def test_one_pass_serves_every_metric(monkeypatch: pytest.MonkeyPatch, use_native: bool) -> None:
+    # The ranks of the pass with mAP equal those of the CMC-only pass and the naive ranks, and the
+    # metrics taken from them equal the metrics of a pass of their own.
+    monkeypatch.setattr(engine_mod, "_USE_NATIVE", use_native)
+    x, y = _grid_data(300, 4, 40, seed=4)
+    q, qy = x[:120], y[:120]
+    for exclude_self, (qq, qqy) in ((True, (x, y)), (False, (q, qy))):
+        naive = _naive_first_positive_rank(qq, qqy, x, y, exclude_self)
+        cmc_only = rank_queries(qq, qqy, x, y, exclude_self=exclude_self, compute_map=False)
+        assert cmc_only.ap is None and cmc_only.first_positive_rank.tolist() == naive
+        for compute_map in (True, False):
+            ranks = rank_queries(qq, qqy, x, y, exclude_self=exclude_self, compute_map=compute_map, chunk_size=37)
+            assert torch.equal(ranks.first_positive_rank, cmc_only.first_positive_rank)
+            assert torch.equal(ranks.num_positives, cmc_only.num_positives)
+            kw = dict(exclude_self=exclude_self, compute_map=compute_map, topk=(1, 2, 5))
+            assert retrieval_metrics(qq, qqy, x, y, ranks=ranks, **kw) == retrieval_metrics(qq, qqy, x, y, **kw)
+    with pytest.raises(ValueError, match="without AP"):
+        retrieval_metrics(x, y, x, y, exclude_self=True, ranks=cmc_only)
+
+
+def test_per_class_cmc_by_hand() -> None:
+    # Ranks of the nearest positive: class 0 queries 1, 3, 0 (no positive); class 5 queries 2, 1.
+    ranks = QueryRanks(num_positives=torch.tensor([1, 1, 0, 4, 4]),
+                       first_positive_rank=torch.tensor([1, 3, 0, 2, 1]), ap=None)
+    got = per_class_cmc(ranks, torch.tensor([0, 0, 0, 5, 5]), (1, 3))
+    assert got == {
+        "0": {"top1": pytest.approx(100 / 3), "top3": pytest.approx(200 / 3), "queries": 3,
+              "queries_with_positives": 2},
+        "5": {"top1": 50.0, "top3": 100.0, "queries": 2, "queries_with_positives": 2},
+    }
 
 
 # ---------------------------------------------------------------- k-NN backends
@@ -354,7 +403,7 @@ def test_compute_map_false_gives_same_cmc() -> None:
 def test_knn_torch_matches_full_sort(metric: str, exclude_self: bool) -> None:
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(120, 8, generator=gen)
-    values, idx = knn(x, x, 5, metric=metric, exclude_self=exclude_self, chunk_size=17)
+    values, idx = KNN_BACKENDS.get("torch")(x, x, 5, metric=metric, exclude_self=exclude_self, chunk_size=17)
     dist = naive_distances(x, x, metric)
     if exclude_self:
         np.fill_diagonal(dist, np.inf)
@@ -387,4 +436,4 @@ def test_faiss_equals_torch(metric: str, exclude_self: bool) -> None:
 def test_knn_rejects_too_many_neighbours() -> None:
     x = torch.randn(5, 3)
     with pytest.raises(UserError, match="k=5"):
-        knn(x, x, 5, exclude_self=True)
+        KNN_BACKENDS.get("torch")(x, x, 5, exclude_self=True)

@@ -23,25 +23,18 @@ from fct.config import (
 from fct.errors import ConfigError, UserError
 from fct.models import (
     BackboneOutput,
+    TorchScriptPart,
+    TransformedOldModel,
     build_backbone,
     load_model_file,
     model_num_params,
     read_model_file,
     save_model_file,
-)
-from fct.transformations import (
-    TRANSFORMATIONS,
-    TorchScriptPart,
-    TransformationOutput,
-    TransformedOldModel,
-    build_transformation,
     save_transformation,
     save_transformed_old_model,
-    similarity_loss,
-    similarity_per_sample,
-    transformation_loss,
-    uncertainty_score,
 )
+from fct.transformations import TRANSFORMATIONS, TransformationOutput, build_transformation, uncertainty_score
+from fct.transformations.losses import similarity_loss, similarity_per_sample, transformation_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
@@ -575,7 +568,7 @@ def test_corrupt_transformed_old_file_is_a_user_error(tmp_path) -> None:
 
 
 def test_kinds_register_when_the_transformations_package_is_imported_first() -> None:
-    # (this test process imports fct.models first; the other order runs through a circular import)
+    # (this test process imports fct.models first; the kinds must not depend on the import order)
     code = "import fct.transformations\nfrom fct.models import MODEL_KINDS\nprint(MODEL_KINDS.names())"
     env = {**os.environ, "PYTHONPATH": REPO}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,5 @@
 """Compatibility across many versions (protocols.md §5-§6): a registry of embedding versions and
-the maps between them (registry.py), a resumable converter of stored embeddings (convert.py),
+the maps between them (versions.py), a resumable converter of stored embeddings (convert.py),
 compatibility-matrix metrics (matrix.py) and 2-D projections (projection.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fct.compat.matrix import (
     update_gain,
 )
 from fct.compat.projection import plot_projection
-from fct.compat.registry import (
+from fct.compat.versions import (
     CHANGES,
     EDGE_KINDS,
     Edge,

@@ -1,6 +1,6 @@
 """``compat.py``: the compatibility matrix of a chain of embedding versions (protocols.md §6).
 
-The chain config's versions and edges become an embedding registry (:mod:`fct.compat.registry`),
+The chain config's versions and edges become an embedding registry (:mod:`fct.compat.versions`),
 rebuilt from the config on every run, so a broken claim of compatibility fails before anything is
 computed. Every version embeds the evaluation split once; then for each query version i and
 gallery version j <= i the gallery is brought into i's space along the registry's edges when a
@@ -31,7 +31,7 @@ METRICS = ("top1", "top5", "mAP")
 
 def build_registry(cfg: ChainConfig) -> Any:
     """A fresh registry in ``cfg.registry_dir`` holding the chain (paths stored absolute)."""
-    from fct.compat.registry import REGISTRY_FILE, Edge, VersionManifest, VersionRegistry
+    from fct.compat.versions import REGISTRY_FILE, Edge, VersionManifest, VersionRegistry
     from fct.models import load_model_file
 
     root = Path(cfg.registry_dir)
@@ -81,7 +81,7 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     """Compute the matrices of ``cfg``; writes ``matrix.json``, ``matrix.md``, one heat map per
     metric and the projections into ``cfg.output_dir``; returns the JSON dict."""
     from fct.compat.matrix import matrix_summary, plot_matrix
-    from fct.evaluate import model_embeddings
+    from fct.retrieval.embeddings import model_embeddings
     from fct.retrieval import retrieval_metrics
 
     rt = rt or make_runtime(cfg.runtime)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fct.compat.registry import VersionRegistry, edges_fingerprint
+from fct.compat.versions import VersionRegistry, edges_fingerprint
 from fct.errors import UserError
 from fct.io import atomic_save_npz, atomic_write_json
 

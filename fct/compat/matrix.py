@@ -151,13 +151,13 @@ def matrix_summary(M: Any, names: Sequence[str], metric_name: str,
 def plot_matrix(M: Any, names: Sequence[str], path: Union[str, os.PathLike], title: str = "") -> None:
     """Heat map of the lower triangle (upper blank), values written in the cells; cells i > j that
     fail the criterion M[i][j] > M[j][j] get a red border. PNG (or the format of ``path``), atomic."""
-    from fct.plots import _pyplot
+    from fct.plots import pyplot
 
     a = as_matrix(M)
     names = [str(n) for n in names]
     if len(names) != a.shape[0]:
         raise UserError(f"{len(names)} version names for a {a.shape[0]} x {a.shape[0]} matrix")
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     v = a.shape[0]

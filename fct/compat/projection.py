@@ -68,9 +68,9 @@ def plot_projection(features_a: Any, features_b: Any, labels: Any, names: Sequen
         keep = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
         a, b, y = a[keep], b[keep], y[keep]
 
-    from fct.plots import _pyplot
+    from fct.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     classes, codes = np.unique(y, return_inverse=True)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "nipy_spectral")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))

@@ -1,4 +1,5 @@
-"""Backbones and self-describing model files."""
+"""Backbones, TorchScript models of the reference, the transformed old model, and the
+self-describing model files of every kind."""
 
 from fct.models.backbones import (
     BACKBONES,
@@ -9,8 +10,6 @@ from fct.models.backbones import (
 )
 from fct.models.model_file import (
     MODEL_KINDS,
-    ScriptedEmbeddingModel,
-    is_torchscript_file,
     load_model_file,
     model_num_params,
     probe_model,
@@ -19,7 +18,9 @@ from fct.models.model_file import (
     strip_wrapper_prefixes,
     unwrap_model,
 )
-import fct.transformations.transformed_model  # noqa: F401,E402  registers model kinds 'transformation', 'transformed_old'
+from fct.models.scripted import ScriptedEmbeddingModel, TorchScriptPart, is_torchscript_file
+from fct.models.transformation_files import save_transformation, save_transformed_old_model
+from fct.models.transformed import TransformedOldModel
 
 __all__ = [
     "BACKBONES",
@@ -27,6 +28,8 @@ __all__ = [
     "MODEL_KINDS",
     "ResNet",
     "ScriptedEmbeddingModel",
+    "TorchScriptPart",
+    "TransformedOldModel",
     "backbone_arch_params",
     "build_backbone",
     "is_torchscript_file",
@@ -35,6 +38,8 @@ __all__ = [
     "probe_model",
     "read_model_file",
     "save_model_file",
+    "save_transformation",
+    "save_transformed_old_model",
     "strip_wrapper_prefixes",
     "unwrap_model",
 ]

@@ -9,6 +9,27 @@ A model file is one ``torch.save``'d dict holding only plain types and tensors::
 the state dict is then loaded into it. Since the file never stores a class, it loads with
 ``torch.load(weights_only=True)``. TorchScript files of the FCT reference implementation are
 accepted wherever a model path is: they are wrapped in :class:`ScriptedEmbeddingModel`.
+
+The kinds, all registered here so that every file loads whatever was imported before:
+
+``backbone``
+    ``arch_params`` are those of ``build_backbone``.
+``transformation``
+    h alone; ``arch_params`` are the transformation arch params (``build_transformation``).
+``transformed_old``
+    old model + optional side-information model + h, in one file (:class:`TransformedOldModel`).
+    ``arch_params``::
+
+        {'transformation': {h arch params},
+         'old_model': PART, 'side_model': PART or None}
+
+    where PART is ``{'kind': ..., 'arch_params': {...}}`` for an fct model file (its weights are
+    in the file's state dict under ``old_model.`` / ``side_model.``), or
+    ``{'torchscript': uint8 tensor, 'source': str}`` for a TorchScript model (the reference's
+    format): the bytes of its archive, which hold its weights. A TorchScript part therefore adds
+    nothing to the state dict (its weights are stored once, in the archive), and the file still
+    loads with ``weights_only=True``. Parts nest: an old model that is itself ``transformed_old``
+    (a chain of updates) is stored as such. ``fct.models.transformation_files`` writes these two.
 """
 
 from __future__ import annotations
@@ -28,7 +49,10 @@ import torch.nn as nn
 from fct.errors import ConfigError, UserError
 from fct.io import atomic_torch_save
 from fct.models.backbones import BackboneOutput, build_backbone
+from fct.models.scripted import ScriptedEmbeddingModel, TorchScriptPart, is_torchscript_file
+from fct.models.transformed import TransformedOldModel
 from fct.registry import Registry
+from fct.transformations.heads import build_transformation
 
 FORMAT = "fct-model"
 FORMAT_VERSION = 1
@@ -44,6 +68,7 @@ ModelBuilder = Callable[[dict], nn.Module]
 MODEL_KINDS: Registry[ModelBuilder] = Registry("model kind")
 
 _BACKBONE_PARAMS = ("arch", "num_classes", "embedding_dim", "last_nonlin")
+_TRANSFORMED_KEYS = ("transformation", "old_model", "side_model")
 
 
 @MODEL_KINDS.register("backbone")
@@ -57,67 +82,42 @@ def _build_backbone_kind(arch_params: dict) -> nn.Module:
     return build_backbone(**arch_params)
 
 
-# --------------------------------------------------------------------------------------------
-# TorchScript models of the reference implementation
-# --------------------------------------------------------------------------------------------
+@MODEL_KINDS.register("transformation")
+def _build_transformation_kind(arch_params: dict) -> nn.Module:
+    if "arch" not in arch_params:
+        raise ConfigError("arch_params.arch is missing")
+    return build_transformation(**arch_params)
 
 
-class ScriptedEmbeddingModel(nn.Module):
-    """Wraps a TorchScript embedding model so it answers like a backbone.
-
-    The reference backbones return the pooled feature (N, D, 1, 1), its side-information models
-    (N, 128, 1, 1); a scripted model returning a tuple contributes its first tensor. When the
-    archive is a reference backbone (``model.fc.weight`` of shape (C, D, 1, 1)), its classifier
-    is exposed, frozen, as ``.classifier`` (nn.Linear, no bias) so BCT/FastFill can use it;
-    otherwise ``.classifier`` is None. ``logits`` is always None.
-    """
-
-    def __init__(self, scripted: torch.jit.ScriptModule, source: str = "") -> None:
-        super().__init__()
-        self.scripted = scripted
-        self.source = source
-        self.classifier: Optional[nn.Linear] = None
-        self.embedding_dim: Optional[int] = None
-        self.num_classes: Optional[int] = None
-        fc = dict(scripted.named_parameters()).get("model.fc.weight")
-        if fc is not None and fc.dim() == 4 and fc.shape[2:] == (1, 1):
-            self.num_classes, self.embedding_dim = int(fc.shape[0]), int(fc.shape[1])
-            self.classifier = nn.Linear(self.embedding_dim, self.num_classes, bias=False)
-            with torch.no_grad():
-                self.classifier.weight.copy_(fc.detach().flatten(1))
-            self.classifier.requires_grad_(False)
-            self.classifier.to(fc.device)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, D)."""
-        out = self.scripted(x)
-        if isinstance(out, (tuple, list)):
-            tensors = [o for o in out if isinstance(o, torch.Tensor)]
-            if not tensors:
-                raise UserError(f"{self.source}: the TorchScript model returned no tensor")
-            out = tensors[0]
-        if not isinstance(out, torch.Tensor):
-            raise UserError(f"{self.source}: the TorchScript model returned {type(out).__name__}, not a tensor")
-        return out.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> BackboneOutput:
-        """(N, 3, H, W) -> BackboneOutput(embedding (N, D), logits None)."""
-        return BackboneOutput(embedding=self.features(x), logits=None)
+def _build_part(spec: Any, key: str) -> nn.Module:
+    """Empty module of one PART entry (TorchScript parts come with their weights)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"arch_params.{key} must be a mapping, got {type(spec).__name__}")
+    if "torchscript" in spec:
+        data = spec["torchscript"]
+        if not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1):
+            raise ConfigError(f"arch_params.{key}.torchscript must be a 1-d uint8 tensor")
+        return TorchScriptPart(data.numpy().tobytes(), source=str(spec.get("source", "")))
+    if set(spec) != {"kind", "arch_params"}:
+        raise ConfigError(f"arch_params.{key} must hold 'kind' and 'arch_params' (or 'torchscript'), "
+                          f"got keys {', '.join(sorted(map(str, spec))) or '(none)'}")
+    return MODEL_KINDS.get(spec["kind"])(spec["arch_params"])
 
 
-def is_torchscript_file(path: PathLike) -> bool:
-    """True for an archive written by ``torch.jit.save`` (``<name>/code/`` and ``<name>/constants.pkl``).
-
-    ``torch.save`` also writes a zip, but never a ``code/`` folder nor ``constants.pkl``.
-    """
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return any(re.fullmatch(r"[^/]+/(code/.+|constants\.pkl)", n) for n in names)
+@MODEL_KINDS.register("transformed_old")
+def _build_transformed_old_kind(arch_params: dict) -> nn.Module:
+    missing = [k for k in _TRANSFORMED_KEYS if k not in arch_params]
+    unknown = sorted(set(arch_params) - set(_TRANSFORMED_KEYS))
+    if missing or unknown:
+        raise ConfigError(f"transformed_old arch_params: missing keys {missing or 'none'}, unknown keys "
+                          f"{unknown or 'none'}; valid: {', '.join(_TRANSFORMED_KEYS)}")
+    h_params = arch_params["transformation"]
+    if not isinstance(h_params, Mapping) or "arch" not in h_params:
+        raise ConfigError("arch_params.transformation must be a mapping with 'arch'")
+    h = build_transformation(**h_params)
+    side_spec = arch_params["side_model"]
+    side = None if side_spec is None else _build_part(side_spec, "side_model")
+    return TransformedOldModel(_build_part(arch_params["old_model"], "old_model"), side, h)
 
 
 # --------------------------------------------------------------------------------------------

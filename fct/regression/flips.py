@@ -1,8 +1,8 @@
 """Negative and positive flips between a reference (old) model and an updated (new) one (protocols.md §7).
 
 A sample is *right* under a model when the model's prediction is its label (classification) or
-when its top-1 neighbour has its label (retrieval: ``first_positive_rank == 1`` from
-:func:`fct.retrieval.metrics.retrieval_per_query`, pessimistic ties). Then
+when its top-1 neighbour has its label (retrieval: ``first_positive_rank == 1`` in the
+:class:`fct.retrieval.engine.QueryRanks` of the exact pass, pessimistic ties). Then
 
 - NFR = fraction of samples right under the old model and wrong under the new one,
 - PFR = fraction wrong under the old and right under the new,
@@ -15,19 +15,18 @@ Rates are reported in percent (as CMC and accuracy elsewhere); the relative NFR 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from fct.config import EvalConfig
 from fct.errors import UserError
-
-if TYPE_CHECKING:
-    from fct.config import EvalConfig
-    from fct.evaluate import Embeddings
-    from fct.runtime import Runtime
+from fct.io import atomic_save_npz
+from fct.retrieval.embeddings import Embeddings, embeddings_for, leave_one_out
+from fct.retrieval.engine import QueryRanks, rank_queries
+from fct.runtime import Runtime
 
 
 def _as_bool(x: Any, name: str) -> np.ndarray:
@@ -100,23 +99,11 @@ def masked_predictions(logits: torch.Tensor, num_classes: Optional[int]) -> torc
 # --------------------------------------------------------------------------- eval.py integration
 
 
-def _reference_leave_one_out(cfg: "EvalConfig") -> bool:
-    """Leave-one-out for the reference case, by the rule eval.py applies to the evaluated case."""
-    setting = cfg.eval_params.leave_one_out
-    if setting != "auto":
-        return bool(setting)
-    if cfg.reference_query_model_path is not None and cfg.reference_gallery_model_path is not None:
-        return True
-    qf, gf = cfg.reference_query_features_path, cfg.reference_gallery_features_path
-    return qf is not None and gf is not None and os.path.realpath(qf) == os.path.realpath(gf)
-
-
-def _model_classifier_predictions(model_path: str, emb: "Embeddings") -> Optional[torch.Tensor]:
+def _model_classifier_predictions(model_path: str, emb: Embeddings) -> Optional[torch.Tensor]:
     """The model's own predictions (N,) from its cached embeddings: its bias-free linear
     classifier applied to them, among the classes it was trained on (model file meta
     ``trained_classes``; all outputs when absent). None for a model without a classifier."""
-    from fct.models import load_model_file, read_model_file
-    from fct.models.model_file import is_torchscript_file
+    from fct.models import is_torchscript_file, load_model_file, read_model_file
 
     model = load_model_file(model_path, map_location="cpu")
     classifier = getattr(model, "classifier", None)
@@ -130,7 +117,9 @@ def _model_classifier_predictions(model_path: str, emb: "Embeddings") -> Optiona
     return masked_predictions(logits, trained if isinstance(trained, int) else None)
 
 
-def _default_flips_path(cfg: "EvalConfig") -> Optional[str]:
+def flips_path(cfg: EvalConfig) -> Optional[str]:
+    """Where the flipped query indices go: ``cfg.flips_path``, else ``<results_path stem>_flips.npz``
+    beside the results, else nowhere (None)."""
     if cfg.flips_path:
         return cfg.flips_path
     if cfg.results_path:
@@ -139,23 +128,20 @@ def _default_flips_path(cfg: "EvalConfig") -> Optional[str]:
     return None
 
 
-def flip_report(cfg: "EvalConfig", rt: "Runtime", cache: dict, q: "Embeddings", g: "Embeddings",
-                exclude_self: bool, per_query: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Any]:
-    """Flips of the evaluated case (q against g) relative to the reference case of ``cfg``
-    (``reference_query_*`` against ``reference_gallery_*``), for eval.py.
+def flip_report(cfg: EvalConfig, rt: Runtime, cache: dict[str, Embeddings], q: Embeddings,
+                ranks: QueryRanks) -> dict[str, Any]:
+    """Flips of the evaluated case (queries ``q``, their :class:`QueryRanks` ``ranks`` against the
+    evaluated gallery) relative to the reference case of ``cfg`` (``reference_query_*`` against
+    ``reference_gallery_*``), for eval.py.
 
     Retrieval: top-1 correctness per query under each case. Classification (when both query
-    sides are model files with a classifier): each query model's own prediction. ``per_query``:
-    the evaluated case's :func:`retrieval_per_query` result when the caller already has it.
-    The flipped indices (positions in the query set) go to ``cfg.flips_path`` (default beside
-    ``results_path``) as an ``.npz``. Returns the dict to store under ``results['flips']``.
+    sides are model files with a classifier): each query model's own prediction. ``cache``: the
+    embeddings cache of :func:`fct.retrieval.embeddings.embeddings_for`. The flipped indices
+    (positions in the query set) go to :func:`flips_path` as an ``.npz``. Returns the dict to
+    store under ``results['flips']``.
     """
-    from fct.evaluate import _side
-    from fct.io import atomic_save_npz
-    from fct.retrieval.metrics import retrieval_per_query
-
-    rq = _side(cfg, "reference_query", rt, cache)
-    rg = _side(cfg, "reference_gallery", rt, cache)
+    rq = embeddings_for(cfg, "reference_query", rt, cache)
+    rg = embeddings_for(cfg, "reference_gallery", rt, cache)
     if len(rq.labels) != len(q.labels) or not torch.equal(rq.labels, q.labels):
         raise UserError(
             f"flips need the same queries in both cases, but the reference queries ({rq.source}, "
@@ -166,15 +152,11 @@ def flip_report(cfg: "EvalConfig", rt: "Runtime", cache: dict, q: "Embeddings", 
                         f"reference gallery embeddings are {rg.features.shape[1]}-d ({rg.source})")
     ep = cfg.eval_params
     dev = rt.device
-
-    def ranks(a: "Embeddings", b: "Embeddings", loo: bool) -> torch.Tensor:
-        return retrieval_per_query(a.features.to(dev), a.labels.to(dev), b.features.to(dev), b.labels.to(dev),
-                                   metric=ep.distance_metric, exclude_self=loo, compute_map=False,
-                                   chunk_size=ep.chunk_size)["first_positive_rank"].cpu()
-
-    new_rank = per_query["first_positive_rank"].cpu() if per_query is not None else ranks(q, g, exclude_self)
-    ref_loo = _reference_leave_one_out(cfg)
-    ret = retrieval_flips(ranks(rq, rg, ref_loo), new_rank)
+    ref_loo = leave_one_out(cfg, reference=True)
+    ref_rank = rank_queries(rq.features.to(dev), rq.labels.to(dev), rg.features.to(dev), rg.labels.to(dev),
+                            metric=ep.distance_metric, exclude_self=ref_loo, compute_map=False,
+                            chunk_size=ep.chunk_size).first_positive_rank.cpu()
+    ret = retrieval_flips(ref_rank, ranks.first_positive_rank.cpu())
     report: dict[str, Any] = {
         "reference": {"query": rq.source, "gallery": rg.source, "leave_one_out": ref_loo},
         "retrieval": summary(ret),
@@ -190,7 +172,7 @@ def flip_report(cfg: "EvalConfig", rt: "Runtime", cache: dict, q: "Embeddings", 
             report["classification"] = summary(cls)
             arrays["classification_negative_flips"] = cls["negative_flips"]
             arrays["classification_positive_flips"] = cls["positive_flips"]
-    path = _default_flips_path(cfg)
+    path = flips_path(cfg)
     if path:
         atomic_save_npz(path, labels=q.labels.numpy(), **arrays)
     report["indices_path"] = path

@@ -77,8 +77,7 @@ def _sha256(path: str) -> str:
 
 def read_backbone(path: str, num_classes: Optional[int], what: str) -> ModelFile:
     """A backbone model file's weights and the number of classes it was trained on."""
-    from fct.models import read_model_file
-    from fct.models.model_file import is_torchscript_file, strip_wrapper_prefixes
+    from fct.models import is_torchscript_file, read_model_file, strip_wrapper_prefixes
 
     if os.path.exists(path) and is_torchscript_file(path):
         raise UserError(f"{what} {path} is a TorchScript archive; interpolation needs fct-model "
@@ -155,7 +154,7 @@ def score_model(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: 
                 metric: str) -> tuple[Scores, torch.Tensor]:
     """Own predictions among the first ``num_classes`` logits, accuracy (%), and leave-one-out
     retrieval of the model's embeddings against themselves (top-1, mAP, %); and the labels (N,)."""
-    from fct.retrieval.metrics import retrieval_per_query
+    from fct.retrieval.engine import rank_queries
 
     model.eval()
     feats, logits, labels = [], [], []
@@ -167,10 +166,11 @@ def score_model(model: nn.Module, loader: DataLoader, rt: Runtime, num_classes: 
         labels.append(torch.as_tensor(y, dtype=torch.int64))
     f, lg, lab = torch.cat(feats), torch.cat(logits), torch.cat(labels)
     preds = masked_predictions(lg, num_classes)
-    pq = retrieval_per_query(f.to(rt.device), lab.to(rt.device), f.to(rt.device), lab.to(rt.device),
-                             metric=metric, exclude_self=True, compute_map=True)
-    rank, ap = pq["first_positive_rank"].cpu(), pq["ap"].cpu()
-    has = pq["num_positives"].cpu() > 0
+    ranks = rank_queries(f.to(rt.device), lab.to(rt.device), f.to(rt.device), lab.to(rt.device),
+                         metric=metric, exclude_self=True, compute_map=True)
+    assert ranks.ap is not None
+    rank, ap = ranks.first_positive_rank.cpu(), ranks.ap.cpu()
+    has = ranks.num_positives.cpu() > 0
     return Scores(preds=preds, rank=rank, metrics={
         "accuracy": 100.0 * float((preds == lab).double().mean()),
         "retrieval_top1": 100.0 * float((rank == 1).double().mean()),

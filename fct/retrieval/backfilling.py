@@ -10,7 +10,7 @@ How it is computed: for each chunk of queries the ranking keys against the new g
 against the h(old) gallery are computed once (two matmuls); a third buffer starts as the h(old)
 keys and, point after point, takes the new keys of the columns backfilled since the previous
 point (``index_copy_``), so every point of every ordering costs one counting pass over the
-chunk (the exact CMC/mAP statistics of :mod:`fct.retrieval.metrics`, pessimistic ties) and no
+chunk (the exact counts of :mod:`fct.retrieval.engine`, pessimistic ties) and no
 matmul. Memory is O(chunk x Ng).
 
 Orderings live in the ``BACKFILL_ORDERS`` registry: a function ``(BackfillInputs) -> list of
@@ -27,20 +27,17 @@ import torch
 
 from fct.errors import UserError
 from fct.registry import Registry
-from fct.retrieval.knn import as_float_tensor, auto_chunk, check_chunk, full_precision_matmul, normalize
-from fct.retrieval.metrics import (
-    _BYTES_PER_PAIR,
-    _as_labels,
-    _check_topk,
-    _chunk_starts,
-    _chunk_stats,
-    _keys,
-    _native_counting,
-    _prepare_gallery,
-    _query_blocks,
-    _Workspace,
+from fct.retrieval.engine import (
+    Counter,
+    as_labels,
+    chunk_rows,
+    chunk_starts,
+    prepare_gallery,
+    query_blocks,
+    ranking_keys,
 )
-
+from fct.retrieval.knn import as_float_tensor, check_chunk, full_precision_matmul, normalize
+from fct.retrieval.metrics import check_topk
 
 @dataclass(frozen=True)
 class BackfillInputs:
@@ -199,13 +196,13 @@ def backfilling_curves(
     nq, ng, dev = q.shape[0], gn.shape[0], q.device
     if exclude_self and nq != ng:
         raise UserError(f"leave-one-out needs as many queries as gallery items ({nq} vs {ng})")
-    ql = _as_labels(query_labels, nq, "query_labels", dev)
-    gl = _as_labels(gallery_labels, ng, "gallery_labels", dev)
-    ks = _check_topk(topk)
+    ql = as_labels(query_labels, nq, "query_labels", dev)
+    gl = as_labels(gallery_labels, ng, "gallery_labels", dev)
+    ks = check_topk(topk)
     check_chunk(chunk_size)
 
-    gal_new = _prepare_gallery(gn, gl, metric)
-    gal_old = _prepare_gallery(go, gl, metric)  # same labels: the same column order
+    gal_new = prepare_gallery(gn, gl, metric)
+    gal_old = prepare_gallery(go, gl, metric)  # same labels: the same column order
     qn = normalize(q) if metric == "cosine" else q
     counts = curve_points(ng, steps)
     # col_of_item[i]: the (label-sorted) column of gallery item i.
@@ -223,24 +220,21 @@ def backfilling_curves(
     hits = {k: torch.zeros((len(runs), npts), dtype=torch.int64) for k in ks}
     ap_sum = torch.zeros((len(runs), npts), dtype=torch.float64)
     n_map = 0
-    # Three key blocks (new, h(old), mixed) on top of the counting pass's buffers.
-    per_pair = (_BYTES_PER_PAIR if compute_map else 8) + 8
-    c = min(chunk_size or auto_chunk(nq, ng, per_pair, dev), nq)
+    # Two more key blocks (new, h(old)) beside the counting pass's own (the mixed one).
+    c = chunk_rows(nq, ng, compute_map, dev, chunk_size, extra_bytes_per_pair=8)
     kn_buf = torch.empty((c, ng), dtype=torch.float32, device=dev)
     ko_buf = torch.empty_like(kn_buf)
     mix_buf = torch.empty_like(kn_buf)
-    ws = _Workspace(c, ng, compute_map, dev, native=compute_map and _native_counting(dev))
-    blocks = _query_blocks(ql, gal_new, exclude_self)
+    counter = Counter(c, ng, compute_map, dev)
+    blocks = query_blocks(ql, gal_new, exclude_self)
     with full_precision_matmul():
-        for s in _chunk_starts(nq, c, progress, desc="backfilling"):
+        for s in chunk_starts(nq, c, progress, desc="backfilling"):
             e = min(s + c, nq)
             n = e - s
-            kn = _keys(qn[s:e], gal_new, kn_buf[:n])
-            ko = _keys(qn[s:e], gal_old, ko_buf[:n])
-            if blocks.self_col is not None:
-                rows = torch.arange(n, device=dev)
-                kn[rows, blocks.self_col[s:e]] = float("inf")
-                ko[rows, blocks.self_col[s:e]] = float("inf")
+            kn = ranking_keys(qn[s:e], gal_new, kn_buf[:n])
+            ko = ranking_keys(qn[s:e], gal_old, ko_buf[:n])
+            blocks.hide_self(kn, s)
+            blocks.hide_self(ko, s)
             mixed = mix_buf[:n]
             for r, (_, cols) in enumerate(runs):
                 mixed.copy_(ko)
@@ -248,15 +242,14 @@ def backfilling_curves(
                     if i > 0 and upto > counts[i - 1]:
                         idx = cols[counts[i - 1]:upto]
                         mixed.index_copy_(1, idx, kn.index_select(1, idx))
-                    st = _chunk_stats(mixed, blocks, s, ws)
+                    st = counter.count(mixed, blocks, s)
                     first = st.neg_before_first + 1
                     has = st.npos > 0
                     for k in ks:
                         hits[k][r, i] += int((has & (first <= k)).sum())
                     if st.ap is not None:
                         ap_sum[r, i] += float(st.ap[has].sum())
-            n_map += int((blocks.count[s:e] - (0 if blocks.self_in_block is None
-                                                 else blocks.self_in_block[s:e].long()) > 0).sum())
+            n_map += int((blocks.num_positives[s:e] > 0).sum())
 
     fractions = [u / ng for u in counts]
     curves: dict[str, BackfillCurve] = {}

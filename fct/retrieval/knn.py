@@ -1,8 +1,8 @@
 """Exact k-nearest-neighbour search: a chunked torch backend and a FAISS backend.
 
-Every backend has the signature
+Every backend in ``KNN_BACKENDS`` has the signature
 
-    knn(query (Nq, D), gallery (Ng, D), k, metric, exclude_self, chunk_size=None)
+    backend(query (Nq, D), gallery (Ng, D), k, metric, exclude_self, chunk_size=None)
         -> (values (Nq, k), indices (Nq, k) int64), nearest first
 
 where ``values`` are squared L2 distances (ascending) for ``metric='l2'`` and inner products of
@@ -24,9 +24,10 @@ from fct.registry import Registry
 
 METRICS = ("l2", "cosine")
 
-# Working memory allowed for one chunk of query rows (all per-chunk buffers together). On the
-# CPU, 64-512 MiB ran within ~15% of each other; larger chunks mean fewer multi-threaded ops,
-# which matters most on a loaded machine. On CUDA, larger blocks keep the GPU busy.
+# Working memory allowed for one chunk of query rows (all per-chunk buffers together). Larger
+# chunks mean fewer, larger multi-threaded ops, which matters most on a loaded machine; on the
+# CPU the gain flattens out well before memory becomes a concern (bench_eval.py measures it).
+# On CUDA, larger blocks keep the GPU busy.
 CPU_CHUNK_BYTES = 256 * 2**20
 CUDA_CHUNK_BYTES = 2 * 2**30
 
@@ -224,17 +225,3 @@ def _drop_self(values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndar
     keep = ~drop
     return values[keep].reshape(nq, k), indices[keep].reshape(nq, k)
 
-
-def knn(
-    query: Any,
-    gallery: Any,
-    k: int,
-    metric: str = "l2",
-    exclude_self: bool = False,
-    chunk_size: int | None = None,
-    backend: str = "torch",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the named backend of ``KNN_BACKENDS`` (unknown names list the valid ones)."""
-    return KNN_BACKENDS.get(backend)(
-        query, gallery, k, metric=metric, exclude_self=exclude_self, chunk_size=chunk_size
-    )

@@ -1,7 +1,7 @@
 """An optional compiled kernel for the mAP pass on the CPU: the per-row histogram of "positives
 strictly below each item" in one pass over the key block.
 
-The torch path of ``fct.retrieval.metrics`` needs about eight elementwise passes over each
+The torch path (``fct.retrieval.bucket_count``) needs about eight elementwise passes over each
 (chunk, Ng) block (bucket map, look-up, mask, histogram); this kernel does them in one loop per
 row, with the same bucketing idea (a monotone bucket map, a per-row table of "positives in lower
 buckets", exact comparisons only against the positives that share the item's bucket). It is

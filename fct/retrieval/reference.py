@@ -2,7 +2,7 @@
 
 It builds the full (Nq, Ng) distance matrix in float64 numpy, sorts every row and computes each
 query's AP in a Python loop. Ties follow the same pessimistic convention as
-``fct.retrieval.metrics``: rows are lexsorted by (distance, is_positive), so a negative tied with
+``fct.retrieval.engine``: rows are lexsorted by (distance, is_positive), so a negative tied with
 a positive comes first. O(Nq x Ng) memory: never use it on a real evaluation.
 """
 

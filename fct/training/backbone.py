@@ -27,10 +27,9 @@ from fct.data import build_dataset, dataset_info
 from fct.data.datasets import take_fraction
 from fct.errors import UserError
 from fct.io import file_sha256
-from fct.models import build_backbone, read_model_file, save_model_file, unwrap_model
+from fct.models import build_backbone, read_model_file, save_model_file, save_transformation, unwrap_model
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, evaluate_knn, simclr_loss_fn, two_view_collate
-from fct.transformations import save_transformation
 from fct.training.checkpoint import Checkpointer
 from fct.training.compat_losses import (
     BackwardAlignedModel,

@@ -15,18 +15,14 @@ from fct.config.transformation import TransformationConfig
 from fct.data import build_dataset
 from fct.data.datasets import take_fraction
 from fct.errors import ConfigError, UserError
-from fct.models import load_model_file, unwrap_model
+from fct.models import load_model_file, save_transformation, save_transformed_old_model, unwrap_model
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.training.feature_cache import CachedBatches, build_feature_cache, embed_batch, file_digest
 from fct.training.loaders import check_global_batch, eval_loader, train_loader
 from fct.training.loop import StepFn, Trainer, fit
 from fct.training.run_folder import open_run_folder
-from fct.transformations import (
-    build_transformation,
-    save_transformation,
-    save_transformed_old_model,
-    transformation_loss,
-)
+from fct.transformations import build_transformation
+from fct.transformations.losses import transformation_loss
 
 Features = dict[str, torch.Tensor]  # 'old', 'new' and optionally 'side': (B, D) each
 

@@ -1,4 +1,10 @@
-"""FCT/FastFill transformations h(old, side) -> new, their losses and the transformed old model."""
+"""FCT/FastFill transformations h(old, side) -> new (heads.py) and their losses (losses.py).
+
+The package exports the heads only: ``fct.config`` checks transformation arch params against
+their registry, and the losses take ``fct.config`` types, so importing the losses here would tie
+the two packages in a circle. Import the losses from ``fct.transformations.losses``; the model
+files of h and of the transformed old model live in ``fct.models``.
+"""
 
 from fct.transformations.heads import (
     TRANSFORMATIONS,
@@ -12,44 +18,16 @@ from fct.transformations.heads import (
     check_transformation_params,
     uncertainty_score,
 )
-from fct.transformations.losses import (
-    DISCRIMINATIVE_LOSSES,
-    SIMILARITY_LOSSES,
-    discriminative_per_sample,
-    frozen_logits,
-    similarity_loss,
-    similarity_per_sample,
-    transformation_loss,
-    uncertainty_loss,
-)
-from fct.transformations.transformed_model import (
-    TorchScriptPart,
-    TransformedOldModel,
-    save_transformation,
-    save_transformed_old_model,
-)
 
 __all__ = [
     "BatchNorm1dAnyBatch",
-    "DISCRIMINATIVE_LOSSES",
     "LinearTransformation",
     "MLPSideProjection",
     "MLPSideProjectionSigma",
-    "SIMILARITY_LOSSES",
     "TRANSFORMATIONS",
-    "TorchScriptPart",
     "Transformation",
     "TransformationOutput",
-    "TransformedOldModel",
     "build_transformation",
     "check_transformation_params",
-    "discriminative_per_sample",
-    "frozen_logits",
-    "save_transformation",
-    "save_transformed_old_model",
-    "similarity_loss",
-    "similarity_per_sample",
-    "transformation_loss",
-    "uncertainty_loss",
     "uncertainty_score",
 ]

@@ -16,7 +16,7 @@ An *edge* says how embeddings of ``source`` are brought into the space of ``targ
     compared as they are. The statement is symmetric, so :meth:`VersionRegistry.path` follows an
     identity edge in both directions.
 ``transformation``
-    an fct model file of kind ``transformation`` (``fct.transformations``) mapping (N, d_source)
+    an fct model file of kind ``transformation`` (``fct.models.model_file``) mapping (N, d_source)
     to (N, d_target): an FCT h old -> new, or a learned backward map new -> old saved as a
     ``LINEAR`` transformation. It is applied to stored embeddings alone, so a head trained with a
     side-information model is refused.
