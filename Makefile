@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m fct.quickstart
+	$(PY) -m fct.experiments quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -33,16 +33,21 @@ bench: $(STAMP)
 clean-runs:
 	rm -rf runs/quickstart
 
-# The published FCT/FastFill table at CPU scale on ../shared/data/tinyimagenet100-32 (about an hour here).
-reproduce-cpu: $(STAMP)
-	$(PY) -m fct.reproduce
+# The studies are recipes of fct/experiments (python -m fct.experiments --help lists them, and
+# their options: --data-root, --set, --quick, --only). Their wall times are in BENCHMARKS.md.
 
-# Weight interpolation (BCWI) and negative flips on digits, both update scenarios (a few minutes).
+# The published FCT/FastFill table at CPU scale, on the Tiny-ImageNet stand-in.
+reproduce-cpu: $(STAMP)
+	$(PY) -m fct.experiments reproduce
+
+# Weight interpolation (BCWI) and negative flips in both update scenarios: on digits, and on the
+# Tiny-ImageNet stand-in.
 regression-quick: $(STAMP)
-	$(PY) -m fct.regression.quick
+	$(PY) -m fct.experiments regression-digits
 
 regression-cpu: $(STAMP)
-	$(PY) -m fct.regression.quick --suite tinyimagenet
+	$(PY) -m fct.experiments regression-tinyimagenet
 
+# A three-version chain trained four ways on the Tiny-ImageNet stand-in, and its compatibility matrices.
 chain-cpu: $(STAMP)
-	$(PY) -m fct.chain_cpu
+	$(PY) -m fct.experiments chain

@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fct.config import RuntimeParams  # noqa: E402
 from fct.data import build_dataset  # noqa: E402
+from fct.experiments.recipe import TINY_IMAGENET  # noqa: E402
 from fct.models import build_backbone  # noqa: E402
 from fct.report import format_table  # noqa: E402
 from fct.runtime import make_runtime  # noqa: E402
 from fct.training.loaders import train_loader  # noqa: E402
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyimagenet100-32"
+SHARED = TINY_IMAGENET
 
 
 def data_root() -> str:

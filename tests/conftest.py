@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-SHARED_DATA = REPO.parent / "shared" / "data" / "tinyimagenet100-32"
+from fct.experiments.recipe import TINY_IMAGENET as SHARED_DATA  # noqa: E402 (needs the path above)
 
 # Keep the suite deterministic and light on this 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

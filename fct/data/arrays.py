@@ -1,7 +1,7 @@
 """Images held as one uint8 array in memory: the `train.npz` / `val.npz` format.
 
 Each file holds ``images`` uint8 (N, H, W, 3) and ``labels`` int64 (N,). It is what
-prepare_dataset.py writes and what /work/shared/data/tinyimagenet100-32 ships.
+prepare_dataset.py writes and what the Tiny-ImageNet stand-in ships.
 """
 
 from __future__ import annotations

@@ -1,0 +1,233 @@
+"""The recipes of fct.experiments (make quickstart, reproduce-cpu, regression-quick, regression-cpu,
+chain-cpu): every step of each runs in its smoke mode (--quick) on digits or on a tiny Tiny-ImageNet
+stand-in made here; --only, --set and the step kinds fail loudly; the Tiny-ImageNet configs load
+against the real stand-in when it is present."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fct.config import BackboneConfig, EvalConfig, load_config
+from fct.config.transformation import TransformationConfig
+from fct.errors import ConfigError
+from fct.experiments import RECIPES, Options, Recipe
+from fct.experiments.chain import SUITE as CHAIN_SUITE
+from fct.experiments.recipe import TINY_IMAGENET, Digest, missing_inputs, plan, step_sets
+from fct.experiments.steps import Step
+
+REPO = Path(__file__).resolve().parent.parent
+SUMMARY_KEYS = {"recipe", "quick", "data_root", "only", "steps", "results", "wall_s"}
+
+
+def tiny_stand_in(root: Path, per_class_train: int = 2, per_class_val: int = 2) -> Path:
+    """100 classes of 32x32 RGB images, a colour per class plus noise (the stand-in's layout)."""
+    g = np.random.default_rng(0)
+    colours = g.integers(0, 256, (100, 3))
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        labels = np.repeat(np.arange(100), n)
+        noise = g.normal(0, 30, (len(labels), 32, 32, 3))
+        images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255)
+        np.savez(root / f"{split}.npz", images=images.astype(np.uint8), labels=labels.astype(np.int64))
+    return root
+
+
+def experiment(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fct.experiments", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary_of(path: Path, recipe: str) -> dict:
+    summary = json.loads(path.read_text())
+    assert set(summary) == SUMMARY_KEYS and summary["recipe"] == recipe
+    assert all(set(v) == {"kind", "wall_s"} for v in summary["steps"].values())
+    assert path.with_suffix(".md").read_text().count("| step") == 1
+    return summary
+
+
+# --------------------------------------------------------------------------- each recipe, --quick
+def test_quickstart_quick_runs_end_to_end(tmp_path):
+    r = experiment(tmp_path, "quickstart", "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "quickstart"
+    summary = summary_of(out / "summary.json", "quickstart")
+    assert summary["quick"] and summary["only"] is None and summary["data_root"] is None
+    assert len(summary["steps"]) == 22
+    assert set(summary["results"]["cases"]["new/h(old) FCT"]) == {"top1", "top5", "mAP"}
+    assert "backfilling AUC, FastFill, sigma order" in summary["results"]["cases"]
+    assert set(summary["results"]["chain"]) == {"independent", "bct", "backward", "fct"}
+    assert (out / "backfilling.png").stat().st_size > 1000 and (out / "chain" / "matrix_fct").is_dir()
+
+
+def test_reproduce_quick_runs_end_to_end(tmp_path):
+    data = tiny_stand_in(tmp_path)
+    r = experiment(tmp_path, "reproduce", "--quick", "--data-root", str(data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "reproduce_cpu"
+    summary = summary_of(out / "summary.json", "reproduce")
+    assert summary["data_root"] == str(data.resolve())
+    results = summary["results"]
+    cases = {(c["case"], c["side_info"]) for c in results["cases"]}
+    assert ("FCT new/h(old)", "yes") in cases and ("backfilling AUC, FastFill, sigma order", "no") in cases
+    assert len(results["checks"]) == 4 and all(isinstance(c["holds"], bool) for c in results["checks"])
+    assert (out / "backfilling.png").stat().st_size > 1000
+    assert "CIFAR-100 top-1" in (out / "summary.md").read_text()
+    assert (out / "models" / "side_info_simclr.pt").is_file()
+
+
+@pytest.mark.parametrize("recipe, out, old", [
+    ("regression-digits", "runs/quickstart", "runs/quickstart/models/old.pt"),
+    ("regression-tinyimagenet", "runs/regression_cpu", "runs/reproduce_cpu/models/old.pt")])
+def test_regression_runs_both_scenarios(tmp_path, recipe, out, old):
+    data = ["--data-root", str(tiny_stand_in(tmp_path))] if recipe.endswith("tinyimagenet") else []
+    r = experiment(tmp_path, recipe, *data, "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = summary_of(tmp_path / out / "regression.json", recipe)
+    for scenario in ("added data", "added classes"):
+        assert set(summary["results"][scenario]) == {"reference", "best"}
+    assert (tmp_path / out / "models" / "new_ft_classes_s2.pt").is_file()
+    assert (tmp_path / old).is_file()  # the old model of the quickstart / the reproduction, shared
+
+
+def test_chain_runs_four_methods(tmp_path):
+    data = tiny_stand_in(tmp_path)
+    r = experiment(tmp_path, "chain", "--data-root", str(data), "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = summary_of(tmp_path / "runs" / "chain_cpu" / "summary.json", "chain")
+    assert set(summary["results"]["chain"]) == {"independent", "bct", "backward", "fct"}
+    for m, c in summary["results"]["chain"].items():
+        assert len(c["top1"]) == 3 and all(len(row) == 3 for row in c["top1"])
+        assert (tmp_path / "runs" / "chain_cpu" / f"matrix_{m}").is_dir()
+    # v2 trained independently is the reproduction's new model, trained once for both recipes
+    assert (tmp_path / "runs" / "reproduce_cpu" / "models" / "new.pt").is_file()
+    kinds = [v["kind"] for v in summary["steps"].values()]
+    assert kinds.count("backbone") == 7 and kinds.count("transformation") == 2 and kinds.count("compat") == 4
+
+
+def test_chain_steps_score_each_matrix_once_its_models_exist():
+    assert [s.name for s in CHAIN_SUITE.steps()] == [
+        "v0", "v1-independent", "v2-independent", "h01", "h12", "matrix-independent", "matrix-fct",
+        "v1-bct", "v2-bct", "matrix-bct", "v1-backward", "v2-backward", "matrix-backward"]
+
+
+@pytest.mark.parametrize("recipe", ["reproduce", "regression-tinyimagenet", "chain"])
+def test_missing_data_is_a_user_error(tmp_path, recipe):
+    r = experiment(tmp_path, recipe, "--data-root", str(tmp_path / "nowhere"), timeout=120)
+    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_root_of_an_embedded_data_set_is_a_user_error(tmp_path):
+    r = experiment(tmp_path, "regression-digits", "--data-root", str(tmp_path), timeout=120)
+    assert r.returncode == 2 and "--data-root" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- the shared options
+def test_only_runs_the_named_steps_once_their_inputs_exist(tmp_path):
+    first = experiment(tmp_path, "quickstart", "--quick", "--only", "old,new", "--set", "epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = summary_of(tmp_path / "runs" / "quickstart" / "summary.json", "quickstart")
+    assert summary["only"] == ["old", "new"] and list(summary["steps"]) == ["old", "new"]
+    assert summary["results"] == {}  # the cases need every evaluation, the chain its matrices
+    second = experiment(tmp_path, "quickstart", "--only", "eval-*-old")  # a shell pattern
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = summary_of(tmp_path / "runs" / "quickstart" / "summary.json", "quickstart")
+    assert summary["only"] == ["eval-old-old", "eval-new-old"] and not summary["quick"]
+
+
+def test_only_refuses_a_step_whose_inputs_do_not_exist_yet(tmp_path):
+    r = experiment(tmp_path, "quickstart", "--only", "old,eval-new-h-fct", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "'eval-new-h-fct' needs runs/quickstart/models/new.pt, made by step 'new'" in r.stderr
+    assert "made by step 'h-fct'" in r.stderr and "made by step 'old'" not in r.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_only_unknown_step_lists_the_valid_ones(tmp_path):
+    r = experiment(tmp_path, "chain", "--only", "matrix-backward,bogus", "--data-root",
+                   str(tiny_stand_in(tmp_path)), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'bogus'" in r.stderr and "v0, v1-independent, v2-independent, h01" in r.stderr
+
+
+def test_set_scopes():
+    names = {"old", "new"}
+    old = Step("backbone", "old", Path("old.yaml"), ("seed=2",))
+    h = Step("transformation", "h", Path("h.yaml"))
+    sets = ["epochs=1", "optimizer_params.lr=0.1", "transformation.epochs=3", "old.seed=5", "new.seed=6"]
+    assert step_sets(old, sets, names) == (["epochs=1", "optimizer_params.lr=0.1"], ["seed=5"])
+    assert step_sets(h, sets, names) == (["epochs=3"], [])
+
+
+def test_unknown_step_kind_fails_loudly():
+    cfg = REPO / "configs" / "quickstart" / "digits_backbone_old.yaml"
+    steps = [Step("backbone", "old", cfg), Step("trian", "h", cfg)]
+    recipe = Recipe("test", Path("runs/test"), lambda quick: steps, lambda results: Digest({}, ""))
+    with pytest.raises(ConfigError, match=r"unknown step kind 'trian'.*valid: backbone, compat, eval"):
+        plan(recipe, Options())
+
+
+def test_set_of_a_kind_the_recipe_lacks_is_a_user_error(tmp_path):
+    r = experiment(tmp_path, "regression-digits", "--set", "transformation.epochs=1", timeout=120)
+    assert r.returncode == 2 and "no transformation step" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", RECIPES.names())
+def test_every_model_a_step_reads_is_made_by_an_earlier_step(tmp_path, monkeypatch, name):
+    recipe = RECIPES.get(name)()
+    monkeypatch.chdir(tmp_path)  # no model exists: every one must come from an earlier step
+    p = plan(recipe, Options(data_root=tiny_stand_in(tmp_path) if recipe.tiny_imagenet else None))
+    assert missing_inputs(p.steps, p.prepared, p.steps) == []
+    assert len({s.name for s in p.steps}) == len(p.steps) and not any(" " in s.name for s in p.steps)
+
+
+# --------------------------------------------------------------------------- the Tiny-ImageNet configs
+def test_configs_point_at_the_stand_in():
+    if not TINY_IMAGENET.is_dir():
+        pytest.skip(f"the Tiny-ImageNet stand-in is absent ({TINY_IMAGENET})")
+    configs = REPO / "configs" / "tinyimagenet"
+    from fct.config.chain import ChainConfig
+    from fct.config.interpolation import InterpolationConfig
+
+    kinds = {"backbone": BackboneConfig, "side": BackboneConfig, "transformation": TransformationConfig,
+             "eval": EvalConfig, "interpolate": InterpolationConfig, "matrix": ChainConfig}
+    for path in sorted(configs.glob("*.yaml")):
+        cls = kinds[path.stem.split("_")[0]]
+        cfg = load_config(cls, path)
+        assert (REPO / cfg.dataset_params.data_root).resolve() == TINY_IMAGENET.resolve()
+
+
+def _pt_paths(node, key=""):
+    """(key, value) of every '.pt' path in a parsed YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _pt_paths(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _pt_paths(v, key)
+    elif isinstance(node, str) and node.endswith(".pt"):
+        yield key, node
+
+
+def test_every_model_a_tinyimagenet_config_reads_is_made_by_one():
+    import yaml
+
+    from fct.experiments.regression import SUITES
+
+    # the soups' second fine-tuned models come from the fine-tuning configs with --set overrides
+    out = SUITES["tinyimagenet"].out
+    made = {f"{out.as_posix()}/models/new_ft_{scenario}_s2.pt" for scenario in ("data", "classes")}
+    read = {}
+    for path in sorted((REPO / "configs" / "tinyimagenet").glob("*.yaml")):
+        for key, value in _pt_paths(yaml.safe_load(path.read_text())):
+            if key.startswith("output_"):
+                assert value not in made, f"{path.name}: {value} is also written by another config"
+                made.add(value)
+            else:
+                read.setdefault(value, path.name)
+    missing = {v: name for v, name in read.items() if v not in made}
+    assert not missing, f"models read but made by no config: {missing}"
