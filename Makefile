@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fct-installed
 
-.PHONY: venv quickstart test docs reproduce-cpu regression-quick regression-cpu chain-cpu bench clean-runs
+.PHONY: venv quickstart test test-fast docs reproduce-cpu regression-quick regression-cpu chain-cpu bench clean-runs
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The edit-run loop: everything but the tests marked slow (end-to-end scripts, several processes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # docs/configuration.md, generated from the config classes in fct/config/ (tests/test_docs.py checks it).
 docs: $(STAMP)

@@ -59,6 +59,7 @@ def assert_user_error(r, *fragments):
 
 
 # --------------------------------------------------------------------------- config
+@pytest.mark.slow
 def test_bad_ssl_settings_exit_2(tmp_path):
     cfg = ssl_config(tmp_path)
     r = run_script("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.temperature=0")
@@ -93,6 +94,7 @@ def test_ssl_config_loads_with_defaults_and_an_augmentation(tmp_path):
 
 
 # --------------------------------------------------------------------------- SimCLR runs
+@pytest.mark.slow
 def test_simclr_script_writes_a_label_free_backbone(tmp_path):
     r = run_script("train_backbone.py", "--config", str(ssl_config(tmp_path, epochs=2)))
     assert r.returncode == 0, r.stderr
@@ -187,6 +189,7 @@ def test_apply_init_from_refuses_mismatches(tmp_path):
         apply_init_from(build_backbone("CifarResNet20", num_classes=5), tmp_path / "notes.txt")
 
 
+@pytest.mark.slow
 def test_init_from_script_errors_exit_2(tmp_path):
     _save(tmp_path / "old.pt", embedding_dim=32)
     cfg = supervised_config(tmp_path)
@@ -251,6 +254,7 @@ def _simclr_first_step(rank, world, port, out_dir):
             torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_simclr_step_equals_one_process(tmp_path):
     """With W=2 gloo processes the averaged loss and the DDP gradient of one SimCLR step equal
     one process's on the whole batch (whole-run weights differ only through per-process

@@ -157,6 +157,7 @@ def eval_yaml(tmp_path, orderings, extra=""):
     return p
 
 
+@pytest.mark.slow
 def test_eval_script_writes_json_npy_and_plot(tmp_path):
     write_features(tmp_path, with_uncertainty=True)
     r = run_script("eval.py", "--config", str(eval_yaml(tmp_path, "[random, sigma, distance]")))
@@ -176,6 +177,7 @@ def test_eval_script_writes_json_npy_and_plot(tmp_path):
     assert "AUC top1" in r.stdout
 
 
+@pytest.mark.slow
 def test_sigma_without_uncertainty_is_a_user_error(tmp_path):
     write_features(tmp_path, with_uncertainty=False)
     r = run_script("eval.py", "--config", str(eval_yaml(tmp_path, "[random, sigma]")))
@@ -209,6 +211,7 @@ def _one_error_line(stderr):
     ("eval_params: {{backfilling: 3, backfilling_result_path: {d}/res.json, leave_one_out: true}}\n",
      "are the same file"),
 ])
+@pytest.mark.slow
 def test_backfilling_outputs_are_checked_before_any_work(tmp_path, extra, fragment):
     write_features(tmp_path, with_uncertainty=False)
     (tmp_path / "plots").mkdir()
@@ -224,6 +227,7 @@ def test_backfilling_outputs_are_checked_before_any_work(tmp_path, extra, fragme
     assert not (tmp_path / "res.json").exists() and list((tmp_path / "plots").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_backfilling_map_is_null_without_positives(tmp_path):
     # unique labels: no query has a positive, so every mAP point and AUC is undefined (null)
     g = np.random.default_rng(0)

@@ -216,6 +216,7 @@ def assert_user_error(r, *fragments):
         assert f in r.stderr, (f, r.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows_mode", [None, "mean"])
 def test_bct_run_one_epoch(tmp_path, rows_mode):
     old = save_backbone(tmp_path / "old.pt", trained=2).eval()
@@ -249,6 +250,7 @@ def test_bct_run_one_epoch(tmp_path, rows_mode):
     assert torch.allclose(rows[2:], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_backward_run_one_epoch(tmp_path):
     # v1: 16-d, v0: 12-d, B_1: 16 -> 12; the new version (v2) is 8-d, so B_2: 8 -> 16
     save_backbone(tmp_path / "v1.pt", dim=16)
@@ -308,6 +310,7 @@ def test_backward_run_resumes_to_identical_weights(tmp_path, killed_after_first_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
+@pytest.mark.slow
 def test_compat_errors_exit_2(tmp_path):
     save_backbone(tmp_path / "v1.pt", dim=16)
     r = run_script("train_backbone.py", "--config", str(base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/nope.pt}}\n")))

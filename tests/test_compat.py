@@ -443,6 +443,7 @@ def _rows_with_nonfinite(tmp_path):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strict", [False, True])
 def test_nonfinite_rows_warn_or_are_refused(chain, tmp_path, strict):
     reg, maps = chain

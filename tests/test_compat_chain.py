@@ -92,6 +92,7 @@ def test_unbacked_claim_is_refused(chain, tmp_path):
         evaluate_chain(cfg)
 
 
+@pytest.mark.slow
 def test_config_errors(chain, tmp_path):
     bad = chain_yaml(chain, tmp_path, v1_compat="[v2]")
     with pytest.raises(ConfigError, match="not an older version"):

@@ -301,6 +301,7 @@ def run_train_backbone(tmp_path, text, *sets):
     return cfg, errors[0]
 
 
+@pytest.mark.slow
 def test_script_refuses_infinite_lr_from_set(tmp_path):
     # before the fix .inf was accepted and the run failed later on a non-finite loss
     cfg, line = run_train_backbone(tmp_path, REFERENCE_BACKBONE, "optimizer_params.lr=.inf")
@@ -308,6 +309,7 @@ def test_script_refuses_infinite_lr_from_set(tmp_path):
     assert line == f"error: {expected}"
 
 
+@pytest.mark.slow
 def test_script_refuses_duplicate_key(tmp_path):
     text = REFERENCE_BACKBONE.replace("  nesterov: False\n", "  nesterov: False\n  lr: 0.5\n")
     cfg, line = run_train_backbone(tmp_path, text)

@@ -290,6 +290,7 @@ def test_prepare_npz_from_reference_layout(tmp_path: Path) -> None:
     assert npz.num_classes_total == 11
 
 
+@pytest.mark.slow
 def test_prepare_script_exit_code(tmp_path: Path) -> None:
     r = subprocess.run(
         [
@@ -571,6 +572,7 @@ def test_digits() -> None:
 
 
 # --------------------------------------------------------------------------- shared data
+@pytest.mark.slow
 def test_shared_tinyimagenet(shared_data: Path) -> None:
     """The shared data (the conftest fixture skips when <repo>/../shared/data/tinyimagenet100-32
     is absent). The folder is read-only: nothing may be written into it."""

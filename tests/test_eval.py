@@ -128,6 +128,7 @@ DIGITS_FMT = DIGITS.replace("{", "{{").replace("}", "}}")
     ("query_features_path: {d}/bad.npz\ngallery_features_path: {d}/bad.npz\n", "labels"),
     ("query_model_path: {a}\ngallery_model_path: {a}\n" + DIGITS_FMT + "eval_params: {{distance_metric: l3}}\n", "l3"),
 ])
+@pytest.mark.slow
 def test_eval_user_errors_exit_2(tmp_path, models, body, fragment):
     np.savez(tmp_path / "bad.npz", features=np.zeros((3, 2), np.float32))
     cfg = eval_cfg(tmp_path, body.format(d=tmp_path, a=models["a"], c=models["c"]))
@@ -142,6 +143,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_equals_single_process(tmp_path, models):
     body = f"""\
         query_model_path: {models['b']}
@@ -189,6 +191,7 @@ def _one_line(stderr, prefix):
     ("config", "results_path is the input --config"),
     ("folder", "is a directory"),
 ])
+@pytest.mark.slow
 def test_eval_refuses_an_output_that_is_an_input(tmp_path, models, target, fragment):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "f.npz", features=rng.normal(size=(20, 16)).astype(np.float32),
@@ -212,6 +215,7 @@ def test_eval_refuses_an_output_that_is_an_input(tmp_path, models, target, fragm
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 6])
 def test_map_is_null_when_no_query_has_a_positive(tmp_path, rows):
     # every label unique (or a single row): under leave-one-out no query has a positive

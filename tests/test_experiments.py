@@ -51,6 +51,7 @@ def summary_of(path: Path, recipe: str) -> dict:
 
 
 # --------------------------------------------------------------------------- each recipe, --quick
+@pytest.mark.slow
 def test_quickstart_quick_runs_end_to_end(tmp_path):
     r = experiment(tmp_path, "quickstart", "--quick")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_quickstart_quick_runs_end_to_end(tmp_path):
     assert (out / "backfilling.png").stat().st_size > 1000 and (out / "chain" / "matrix_fct").is_dir()
 
 
+@pytest.mark.slow
 def test_reproduce_quick_runs_end_to_end(tmp_path):
     data = tiny_stand_in(tmp_path)
     r = experiment(tmp_path, "reproduce", "--quick", "--data-root", str(data))
@@ -83,6 +85,7 @@ def test_reproduce_quick_runs_end_to_end(tmp_path):
 @pytest.mark.parametrize("recipe, out, old", [
     ("regression-digits", "runs/quickstart", "runs/quickstart/models/old.pt"),
     ("regression-tinyimagenet", "runs/regression_cpu", "runs/reproduce_cpu/models/old.pt")])
+@pytest.mark.slow
 def test_regression_runs_both_scenarios(tmp_path, recipe, out, old):
     data = ["--data-root", str(tiny_stand_in(tmp_path))] if recipe.endswith("tinyimagenet") else []
     r = experiment(tmp_path, recipe, *data, "--quick")
@@ -94,6 +97,7 @@ def test_regression_runs_both_scenarios(tmp_path, recipe, out, old):
     assert (tmp_path / old).is_file()  # the old model of the quickstart / the reproduction, shared
 
 
+@pytest.mark.slow
 def test_chain_runs_four_methods(tmp_path):
     data = tiny_stand_in(tmp_path)
     r = experiment(tmp_path, "chain", "--data-root", str(data), "--quick")
@@ -115,18 +119,21 @@ def test_chain_steps_score_each_matrix_once_its_models_exist():
         "v1-bct", "v2-bct", "matrix-bct", "v1-backward", "v2-backward", "matrix-backward"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reproduce", "regression-tinyimagenet", "chain"])
 def test_missing_data_is_a_user_error(tmp_path, recipe):
     r = experiment(tmp_path, recipe, "--data-root", str(tmp_path / "nowhere"), timeout=120)
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_data_root_of_an_embedded_data_set_is_a_user_error(tmp_path):
     r = experiment(tmp_path, "regression-digits", "--data-root", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "--data-root" in r.stderr and "Traceback" not in r.stderr
 
 
 # --------------------------------------------------------------------------- the shared options
+@pytest.mark.slow
 def test_only_runs_the_named_steps_once_their_inputs_exist(tmp_path):
     first = experiment(tmp_path, "quickstart", "--quick", "--only", "old,new", "--set", "epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -98,6 +98,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     if not tdist.is_available() or not tdist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

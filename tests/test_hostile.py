@@ -241,6 +241,7 @@ def test_an_unforeseen_file_system_refusal_is_one_line(capsys) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_config_yaml_untouched(tmp_path, killed_after_first_epoch):
     import fct.training.backbone as tb
     from fct.config import BackboneConfig, load_config
@@ -258,6 +259,7 @@ def test_refused_resume_leaves_config_yaml_untouched(tmp_path, killed_after_firs
     assert snapshot(run) == before  # config.yaml still says what the checkpoint was trained with
 
 
+@pytest.mark.slow
 def test_refused_transformation_resume_leaves_config_yaml_untouched(tmp_path):
     models = write_backbones(tmp_path / "models")
     cfg = digits_transformation_config(tmp_path, models, epochs=1)
@@ -276,6 +278,7 @@ def test_refused_transformation_resume_leaves_config_yaml_untouched(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder(tmp_path):
     cfg = digits_backbone_config(tmp_path, epochs=2)
     cmd = [sys.executable, "train_backbone.py", "--config", str(cfg)]
@@ -291,6 +294,7 @@ def test_two_runs_into_one_folder(tmp_path):
     assert epochs == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_held_folder_names_the_holder_and_a_killed_holder_frees_it(tmp_path):
     from fct.training.run_folder import RunLock
 
@@ -323,6 +327,7 @@ def test_a_held_folder_names_the_holder_and_a_killed_holder_frees_it(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_transformation_output_equal_to_old_model_keeps_the_old_model(tmp_path):
     models = write_backbones(tmp_path / "models")
     cfg = digits_transformation_config(tmp_path, models, epochs=1)
@@ -366,6 +371,7 @@ def open_tmp():
     shutil.rmtree(d)
 
 
+@pytest.mark.slow
 def test_read_only_output_folders_are_named(open_tmp, killed_after_first_epoch):
     import fct.training.backbone as tb
     from fct.config import BackboneConfig, load_config
@@ -401,6 +407,7 @@ def test_read_only_output_folders_are_named(open_tmp, killed_after_first_epoch):
     assert snapshot(ro) == before
 
 
+@pytest.mark.slow
 def test_output_model_path_that_is_a_folder_fails_before_training(tmp_path):
     cfg = digits_backbone_config(tmp_path, epochs=1)
     (tmp_path / "model.pt").mkdir()
@@ -415,6 +422,7 @@ def test_output_model_path_that_is_a_folder_fails_before_training(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size_under_torchrun(tmp_path):
     cfg = digits_backbone_config(tmp_path, epochs=1)
     t0 = time.monotonic()
@@ -471,6 +479,7 @@ def test_non_finite_batchnorm_buffer_is_not_checkpointed(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stale_temp_files_are_removed_on_start(tmp_path):
     cfg = digits_backbone_config(tmp_path, epochs=1)
     run = tmp_path / "run"
@@ -500,6 +509,7 @@ def test_output_files_honour_the_umask(tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+@pytest.mark.slow
 def test_training_outputs_honour_the_umask(tmp_path):
     cfg = digits_backbone_config(tmp_path, epochs=1)
     r = run_script("-c", textwrap.dedent(f"""\

@@ -91,6 +91,7 @@ def test_empty_val_npz_names_the_file(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ item 11
+@pytest.mark.slow
 def test_num_classes_below_every_label_names_file_key_and_range(tmp_path: Path) -> None:
     root = write_npz(tmp_path / "data", 1000 + np.arange(100), 1000 + np.arange(20))
     cfg = backbone_config(tmp_path, root, extra=", num_classes: 10")
@@ -101,6 +102,7 @@ def test_num_classes_below_every_label_names_file_key_and_range(tmp_path: Path) 
 
 
 # ------------------------------------------------------------------------------------- item 6
+@pytest.mark.slow
 def test_eval_with_an_unrelated_torchscript_gallery_model(tmp_path: Path, models: dict[str, Path]) -> None:
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(textwrap.dedent(f"""\
@@ -115,6 +117,7 @@ def test_eval_with_an_unrelated_torchscript_gallery_model(tmp_path: Path, models
                          "(2, 3, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied")
 
 
+@pytest.mark.slow
 def test_train_transformation_with_an_unrelated_torchscript_old_model(tmp_path: Path,
                                                                       models: dict[str, Path]) -> None:
     cfg = tmp_path / "t.yaml"
@@ -139,6 +142,7 @@ def test_train_transformation_with_an_unrelated_torchscript_old_model(tmp_path: 
 
 
 # ---------------------------------------------------------------------------- data folder
+@pytest.mark.slow
 def test_read_only_data_folder_is_left_untouched(tmp_path: Path, models: dict[str, Path]) -> None:
     root = write_npz(tmp_path / "data", np.arange(20) % 5, np.arange(10) % 5)
     listing = {p.name: p.stat().st_mtime_ns for p in [root, *root.iterdir()]}

@@ -317,6 +317,7 @@ def test_interpolation_config_errors(tiny_models, tmp_path):
     assert r.returncode == 2 and "alpha" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_interpolate_script_end_to_end(tiny_models, tmp_path):
     out = tmp_path / "sweep"
     cfg = tmp_path / "interp.yaml"
@@ -349,6 +350,7 @@ def _one_error_line(stderr):
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["fisher_cache_is_the_old_model", "output_dir_is_the_old_model", "config"])
 def test_interpolate_refuses_outputs_that_are_inputs(tiny_models, tmp_path, case):
     import shutil
@@ -386,6 +388,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["fisher_garbage", "fisher_malicious", "fisher_wrong_shape", "results_nan"])
 def test_damaged_cache_files_are_one_line_errors(tiny_models, tmp_path, cache):
     import pickle

@@ -132,6 +132,7 @@ def _gather_worker(rank: int, world: int, port: int, n: int, out_dir: str) -> No
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_with_gathered_negatives_equal_one_process(tmp_path: Path) -> None:
     """Mean of the per-process losses = the one-process loss on the whole batch, and each
     process's gradient / W (what DDP's average makes of it) = the one-process gradient."""

@@ -16,6 +16,7 @@ from helpers import digits_backbone_config as digits_config, free_port, run_scri
 
 
 
+@pytest.mark.slow
 def test_train_backbone_script_one_epoch(tmp_path):
     cfg = digits_config(tmp_path, epochs=1, tensorboard=True)
     r = run_script("train_backbone.py", "--config", str(cfg), "--set", "seed=4")
@@ -38,6 +39,7 @@ def test_train_backbone_script_one_epoch(tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_user_errors_exit_2(tmp_path):
     cfg = digits_config(tmp_path, epochs=1)
     for args, fragment in [
@@ -110,6 +112,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_matches_one_process(tmp_path):
     """torchrun with 2 gloo processes: same data order and augmentation as one process; with
     BatchNorm on per-process halves of the batch the weights are close, not bitwise equal (the
@@ -172,6 +175,7 @@ def _train_mlp(path):
         torch.save(model.state_dict(), path)
 
 
+@pytest.mark.slow
 def test_ddp_gradient_path_is_exact(tmp_path):
     """Seeded augmentation + round-robin sharding + gradient averaging: 2 processes with global
     batch 32 reproduce one process with batch 32 (BN-free model), to float rounding."""

@@ -54,6 +54,7 @@ def config(tmp_path, backbones, *, arch="MLP_BN_SIDE_PROJECTION", side=False, ca
 
 
 
+@pytest.mark.slow
 def test_script_then_eval_with_transformed_gallery(tmp_path, backbones):
     cfg = config(tmp_path, backbones, arch="MLP_BN_SIDE_PROJECTION_SIGMA", side=True)
     r = run_script("train_transformation.py", "--config", str(cfg))
@@ -137,6 +138,7 @@ def test_cache_is_reused(tmp_path, backbones, monkeypatch):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 3
 
 
+@pytest.mark.slow
 def test_dimension_mismatch_is_a_user_error(tmp_path, backbones):
     cfg = config(tmp_path, backbones)
     r = run_script("train_transformation.py", "--config", str(cfg), "--set", "arch_params.new_embedding_dim=32")
