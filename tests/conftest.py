@@ -6,7 +6,8 @@ from typing import Callable, ContextManager, Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 sys.path.insert(0, str(REPO))
 from fct.experiments.recipe import TINY_IMAGENET as SHARED_DATA  # noqa: E402 (needs the path above)
 

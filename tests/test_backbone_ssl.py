@@ -15,7 +15,6 @@ from fct.training.backbone import apply_init_from
 from helpers import REPO, free_port, run_script
 
 
-
 def ssl_config(tmp_path, epochs=2, extra=""):
     """A tiny SimCLR run: digits classes 0..1 (~290 images), batch 32, 16-d embedding."""
     text = textwrap.dedent(f"""\

@@ -2,9 +2,6 @@
 evaluation, orderings, AUC rules, and eval.py with feature files."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -20,8 +17,8 @@ from fct.retrieval.backfilling import (
     backfilling_curves,
     curve_points,
 )
+from helpers import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 1-D hand-worked gallery: labels 0, 0, 1, 1; new features 0, 1, 10, 11. Under h(old) item 1
 # sits at 10.5, among class 1; the other items are unchanged. Queries = the new features,
@@ -127,10 +124,6 @@ def test_auc_of_a_flat_curve():
 
 # --- eval.py with feature files --------------------------------------------------------------
 
-
-def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def write_features(tmp_path, with_uncertainty):

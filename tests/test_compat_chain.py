@@ -19,8 +19,7 @@ from fct.retrieval import retrieval_metrics
 from fct.retrieval.embeddings import model_embeddings
 from fct.runtime import make_runtime
 from fct.transformations import build_transformation
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
 
 from fct.config import BackboneConfig, EvalConfig, apply_overrides, from_dict, load_config, load_yaml, to_dict
 from fct.errors import ConfigError
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 REFERENCE_BACKBONE = textwrap.dedent("""\
     arch_params:

@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader
 from fct.data import DATASETS, arrays, build_dataset, dataset_info, prepare
 from fct.data.transforms import CIFAR100_MEAN, CIFAR100_STD
 from fct.errors import ConfigError, UserError
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,10 +1,6 @@
 """eval.py end to end: models, TorchScript models, feature files, errors, torchrun."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,13 +11,8 @@ from fct.config import EvalConfig, load_config
 from fct.evaluate import evaluate
 from fct.models import build_backbone, save_model_file
 from fct.retrieval.reference import naive_retrieval_metrics
+from helpers import free_port, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +128,6 @@ def test_eval_user_errors_exit_2(tmp_path, models, body, fragment):
     assert "Traceback" not in r.stderr and fragment in r.stderr, r.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_eval_under_torchrun_equals_single_process(tmp_path, models):
@@ -157,7 +143,7 @@ def test_eval_under_torchrun_equals_single_process(tmp_path, models):
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two.yaml"
     two.write_text(textwrap.dedent(body.format(out=tmp_path / "two.json")))
-    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                    "eval.py", "--config", str(two))
     assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "one.json").read_text())

@@ -20,8 +20,8 @@ from fct.experiments.chain import SUITE as CHAIN_SUITE
 from fct.experiments.recipe import TINY_IMAGENET, Digest, missing_inputs, plan, step_sets
 from fct.experiments.steps import Step
 
-REPO = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {"recipe", "quick", "data_root", "only", "steps", "results", "wall_s"}
+from helpers import REPO
 
 
 def tiny_stand_in(root: Path, per_class_train: int = 2, per_class_val: int = 2) -> Path:

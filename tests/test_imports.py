@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 PACKAGE = REPO / "fct"
 # Modules that drive whole runs and may use fct.evaluate (besides eval.py and the tests).
 EVALUATE_USERS = ("fct.experiments",)

@@ -6,9 +6,7 @@ or key, never a traceback; and fct must never write into a data folder.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,14 +17,8 @@ from torch import nn
 
 from fct.models import build_backbone, save_model_file
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
-
-
-def run_script(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FCT_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+from helpers import run_script
 
 
 def assert_user_error(r: subprocess.CompletedProcess, expected: str) -> None:
@@ -86,7 +78,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_empty_val_npz_names_the_file(tmp_path: Path) -> None:
     root = write_npz(tmp_path / "data", np.arange(20) % 5, np.zeros(0))
     r = run_script("train_backbone.py", "--config", str(backbone_config(tmp_path, root)),
-                   cache_dir=tmp_path / "cache")
+                   env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{root}/val.npz holds no images (the val split is empty)")
 
 
@@ -96,7 +88,7 @@ def test_num_classes_below_every_label_names_file_key_and_range(tmp_path: Path) 
     root = write_npz(tmp_path / "data", 1000 + np.arange(100), 1000 + np.arange(20))
     cfg = backbone_config(tmp_path, root, extra=", num_classes: 10")
     r = run_script("train_backbone.py", "--config", str(cfg), "--set", "dataset_params.batch_size=64",
-                   cache_dir=tmp_path / "cache")
+                   env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"dataset_params.num_classes=10 keeps no image of {root}/train.npz: "
                          "its labels run from 1000 to 1099")
 
@@ -112,7 +104,7 @@ def test_eval_with_an_unrelated_torchscript_gallery_model(tmp_path: Path, models
         eval_params: {{verbose: false}}
         runtime: {{progress: false}}
         """))
-    r = run_script("eval.py", "--config", str(cfg), cache_dir=tmp_path / "cache")
+    r = run_script("eval.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{models['unrelated']} does not take the data's images: on a batch of shape "
                          "(2, 3, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied")
 
@@ -136,7 +128,7 @@ def test_train_transformation_with_an_unrelated_torchscript_old_model(tmp_path: 
         output_dir: {tmp_path}/run
         runtime: {{progress: false, tensorboard: false}}
         """))
-    r = run_script("train_transformation.py", "--config", str(cfg), cache_dir=tmp_path / "cache")
+    r = run_script("train_transformation.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{models['unrelated']} does not take the data's images: "
                          "on a batch of shape (2, 3, 8, 8)")
 
@@ -157,7 +149,7 @@ def test_read_only_data_folder_is_left_untouched(tmp_path: Path, models: dict[st
         """))
     root.chmod(0o555)
     try:
-        r = run_script("eval.py", "--config", str(cfg), cache_dir=tmp_path / "cache")
+        r = run_script("eval.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     finally:
         root.chmod(0o755)
     assert r.returncode == 0, r.stderr

@@ -3,8 +3,6 @@ exact endpoints, Fisher by hand, BatchNorm statistics, a resumed sweep and inter
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,14 +28,8 @@ from fct.retrieval.embeddings import embeddings_for
 from fct.retrieval.engine import rank_queries
 from fct.runtime import make_runtime
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"arch": "CifarResNet20", "num_classes": 10, "embedding_dim": 16, "last_nonlin": True}
-
-
-def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+from helpers import run_script
 
 
 # ------------------------------------------------------------------------------------- flips

@@ -15,7 +15,6 @@ from helpers import digits_backbone_config as digits_config, free_port, run_scri
 
 
 
-
 @pytest.mark.slow
 def test_train_backbone_script_one_epoch(tmp_path):
     cfg = digits_config(tmp_path, epochs=1, tensorboard=True)

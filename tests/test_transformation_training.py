@@ -13,7 +13,6 @@ from fct.models import build_backbone, load_model_file, read_model_file, save_mo
 from helpers import run_script
 
 
-
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     d = tmp_path_factory.mktemp("backbones")

@@ -36,12 +36,12 @@ from fct.models import (
 from fct.transformations import TRANSFORMATIONS, TransformationOutput, build_transformation, uncertainty_score
 from fct.transformations.losses import similarity_loss, similarity_per_sample, transformation_loss
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
 SMALL = {"old_embedding_dim": 6, "new_embedding_dim": 5, "side_info_dim": 4, "inner_dim": 16}
 HEADS = [("MLP_BN_SIDE_PROJECTION", 1), ("MLP_BN_SIDE_PROJECTION_SIGMA", 1),
          ("MLP_BN_SIDE_PROJECTION_SIGMA", 5), ("LINEAR", 1)]
+from helpers import REPO
 
 
 @pytest.fixture(autouse=True)
