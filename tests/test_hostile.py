@@ -173,6 +173,16 @@ ROWS = [
     Row("results-path-is-the-gallery-model", "eval",
         _eval("query_model_path: {world}/models/old.pt\ngallery_model_path: {world}/link_to_old.pt\n" + DIGITS
               + "results_path: {world}/models/old.pt\n"), ("results_path is the input",)),
+    # export
+    Row("export-missing-model", "fct.export",
+        lambda world, tmp: ["--model", str(world / "models" / "nope.pt"), "--format", "onnx",
+                            "--out", str(tmp / "h.onnx")], ("nope.pt",)),
+    Row("export-a-backbone", "fct.export",
+        lambda world, tmp: ["--model", str(world / "models" / "old.pt"), "--format", "torchscript",
+                            "--out", str(tmp / "h.ts")], ("old.pt",)),
+    Row("export-over-its-input", "fct.export",
+        lambda world, tmp: ["--model", str(world / "models" / "old.pt"), "--format", "onnx",
+                            "--out", str(world / "link_to_old.pt")], ("old.pt",)),
     # outputs that are inputs (same file after resolving links)
     Row("backbone-output-is-init_from", "train_backbone",
         _backbone("init_from={world}/models/old.pt", "output_model_path={world}/models/old.pt"),
