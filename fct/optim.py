@@ -17,21 +17,44 @@ SCHEDULES: Registry[Callable[[LrPolicyParams, float, int], Callable[[float], flo
 )
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_bn_decay: bool) -> list[dict]:
-    """Split trainable parameters into decayed and not-decayed groups.
+def trunk_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of every backbone trunk inside ``model`` (any wrapper): the modules
+    that define ``trunk_parameters()`` (fct's ResNet: all but the classifier; a foreign backbone:
+    the timm/torchvision network)."""
+    ids: set[int] = set()
+    for m in model.modules():
+        trunk = getattr(m, "trunk_parameters", None)
+        if callable(trunk):
+            ids.update(id(p) for p in trunk())
+    return ids
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_bn_decay: bool,
+                 backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Split trainable parameters into decayed and not-decayed groups, and, when
+    ``backbone_lr_mult`` != 1, the trunk's (``lr_mult`` = backbone_lr_mult) from the rest (1).
 
     With ``no_bn_decay`` every 1-D parameter (BatchNorm weights/biases and all biases) skips weight
     decay; the reference splits by the substring "bn" in the name, which misses downsample BNs.
+    Each group's ``lr_mult`` scales the schedule's lr (:func:`set_lr`).
     """
-    decay, no_decay = [], []
+    trunk = trunk_parameter_ids(model) if backbone_lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if no_bn_decay and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        key = (id(p) in trunk, no_bn_decay and p.ndim <= 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    # Order: decayed before not-decayed, head before trunk (the historical single-mult layout first).
+    for in_trunk in (False, True):
+        for no_decay in (False, True):
+            params = groups.get((in_trunk, no_decay), [])
+            if not params and (in_trunk or no_decay):
+                continue
+            out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                        "lr_mult": backbone_lr_mult if in_trunk else 1.0})
+    return out
 
 
 @OPTIMIZERS.register("sgd")
@@ -50,7 +73,7 @@ def _adamw(groups: Iterable[dict], p: OptimizerParams) -> torch.optim.Optimizer:
 
 
 def build_optimizer(model: nn.Module, p: OptimizerParams) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(p.algorithm)(param_groups(model, p.weight_decay, p.no_bn_decay), p)
+    return OPTIMIZERS.get(p.algorithm)(param_groups(model, p.weight_decay, p.no_bn_decay, p.backbone_lr_mult), p)
 
 
 def _warmup(lr: float, warmup: int, epoch: float) -> float:
@@ -100,5 +123,8 @@ def build_schedule(p: LrPolicyParams, lr: float, epochs: int) -> Callable[[float
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's lr = the schedule's ``lr`` * its ``lr_mult`` (1 unless backbone_lr_mult is set;
+    a mult of 1 leaves the lr exactly as given)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        mult = g.get("lr_mult", 1.0)
+        g["lr"] = lr if mult == 1.0 else lr * mult

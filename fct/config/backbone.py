@@ -15,16 +15,68 @@ from fct.errors import ConfigError
 class ArchParams:
     """Backbone architecture (``arch_params`` of a backbone config)."""
 
-    arch: str  # registered backbone (fct.models), e.g. ResNet18, ResNet50, CifarResNet18
+    # registered backbone (fct.models), e.g. ResNet18, ResNet50, CifarResNet18; or timm/<name> (timm's
+    # registry) or torchvision/<name> (a torchvision.models classifier), built with random weights
+    arch: str
     num_classes: int  # width of the classifier layer (may exceed the classes trained on)
-    embedding_dim: Optional[int] = None  # embedding width; None: the architecture's natural width
-    last_nonlin: bool = True  # ReLU on the embedding (reference behaviour)
+    # embedding width; None: the architecture's natural width (timm/torchvision: a bias-free linear
+    # projection is added when it differs from the network's feature width)
+    embedding_dim: Optional[int] = None
+    # ReLU on the embedding (reference behaviour); timm/torchvision: only after the projection, the
+    # network's own features are kept as they are
+    last_nonlin: bool = True
+    # timm/torchvision: local weights (.safetensors, or .pt/.pth read with weights_only) loaded into the
+    # network before training; the network's own classifier keys are dropped, any other mismatch fails
+    pretrained_path: Optional[str] = None
+    # timm/torchvision: prefix renames of the weight file's keys, e.g. {"module.": ""}; first match wins
+    key_map: Optional[dict] = None
+    # timm/torchvision: module (dotted name) whose globally pooled output is the embedding; None: the
+    # input of the network's classifier (timm's pooled pre-logits, torchvision's input of its last Linear)
+    embedding_layer: Optional[str] = None
+    # timm/torchvision: extra keyword arguments of the builder (plain values), e.g. {"drop_path_rate": 0.1}
+    arch_kwargs: Optional[dict] = None
+    # timm/torchvision: the input normalisation the weights expect, recorded as the model's
+    # `preprocessing`; None: timm's pretrained data config, ImageNet's mean/std for torchvision
+    image_mean: Optional[list[float]] = None
+    image_std: Optional[list[float]] = None  # as image_mean
+    image_size: Optional[int] = None  # as image_mean: the input side the weights were trained at
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ConfigError(f"arch_params.num_classes must be >= 1, got {self.num_classes}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ConfigError(f"arch_params.embedding_dim must be >= 1, got {self.embedding_dim}")
+        foreign = "/" in self.arch
+        for key in ("pretrained_path", "key_map", "embedding_layer", "arch_kwargs", "image_mean", "image_std",
+                    "image_size"):
+            if getattr(self, key) is not None and not foreign:
+                raise ConfigError(f"arch_params.{key} is for timm/<name> and torchvision/<name> backbones, "
+                                  f"not {self.arch}")
+        if self.pretrained_path is not None:
+            _check_path("arch_params.pretrained_path", self.pretrained_path)
+        if self.key_map is not None and not all(isinstance(k, str) and isinstance(v, str) and k
+                                                for k, v in self.key_map.items()):
+            raise ConfigError(f"arch_params.key_map must map non-empty key prefixes to prefixes (strings), "
+                              f"got {self.key_map!r}")
+        if self.key_map is not None and self.pretrained_path is None:
+            raise ConfigError("arch_params.key_map renames the keys of pretrained_path, which is not given")
+        kwargs = self.arch_kwargs
+        if kwargs is not None and not all(isinstance(k, str) and _plain(v) for k, v in kwargs.items()):
+            raise ConfigError(f"arch_params.arch_kwargs must map names to plain values (numbers, strings, "
+                              f"booleans, lists), got {self.arch_kwargs!r}")
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 3 or (key == "image_std" and min(value) <= 0)):
+                raise ConfigError(f"arch_params.{key} must be 3 numbers{' > 0' if key == 'image_std' else ''}, "
+                                  f"got {list(value)}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"arch_params.image_size must be >= 1, got {self.image_size}")
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
 
 
 @dataclass(frozen=True)

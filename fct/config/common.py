@@ -22,10 +22,15 @@ class OptimizerParams:
     no_bn_decay: bool = False  # no weight decay on BatchNorm parameters and biases
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
+    # extension: the backbone trunk's lr is lr * this (fine-tuning pretrained weights); the classifier,
+    # a foreign backbone's projection and any other head keep the full lr
+    backbone_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optimizer_params.lr must be > 0, got {self.lr}")
+        if self.backbone_lr_mult < 0:
+            raise ConfigError(f"optimizer_params.backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
         if self.weight_decay < 0:
             raise ConfigError(f"optimizer_params.weight_decay must be >= 0, got {self.weight_decay}")
 

@@ -58,6 +58,12 @@ class EvalConfig:
     query_model_path: Optional[str] = None  # model embedding the queries
     query_features_path: Optional[str] = None  # extension: precomputed query embeddings (.npz)
     gallery_features_path: Optional[str] = None  # extension: precomputed gallery embeddings (.npz)
+    # extension: a transformation file (h) applied to gallery_features_path (old-model embeddings): the
+    # gallery is h(old, side), with h's uncertainty for FastFill backfilling; no image model is run
+    gallery_transformation_path: Optional[str] = None
+    # extension: side-information embeddings of the gallery images (.npz) for gallery_transformation_path,
+    # paired with gallery_features_path by ids (or position)
+    gallery_side_info_features_path: Optional[str] = None
     eval_params: EvalParams = field(default_factory=EvalParams)  # how retrieval is measured
     dataset_params: Optional[DatasetParams] = None  # the evaluation split; needed when a side is a model
     results_path: Optional[str] = None  # extension: JSON results
@@ -83,6 +89,11 @@ class EvalConfig:
                 raise ConfigError(f"missing {side}_model_path (or {side}_features_path)")
             if model is not None and self.dataset_params is None:
                 raise ConfigError(f"{side}_model_path needs dataset_params (the evaluation split)")
+        if self.gallery_transformation_path is not None and self.gallery_features_path is None:
+            raise ConfigError("gallery_transformation_path applies to gallery_features_path (stored old-model "
+                              "embeddings); with gallery_model_path use the transformed old model file instead")
+        if self.gallery_side_info_features_path is not None and self.gallery_transformation_path is None:
+            raise ConfigError("gallery_side_info_features_path is h's side input; it needs gallery_transformation_path")
 
     def _check_reference(self) -> None:
         given = {side: (getattr(self, f"reference_{side}_model_path"), getattr(self, f"reference_{side}_features_path"))

@@ -164,26 +164,60 @@ class FeatureCacheParams:
             raise ConfigError(f"feature_cache.views must be >= 1, got {self.views}")
 
 
-@dataclass(frozen=True)
-class TransformationConfig:
-    """``train_transformation.py`` config: train h(old, side) -> new between frozen models."""
+# The roles of h's inputs and output: role -> (model key, training features key, validation features key).
+ROLE_KEYS: dict[str, tuple[str, str, str]] = {
+    "old": ("old_model_path", "old_features_path", "val_old_features_path"),
+    "new": ("new_model_path", "new_features_path", "val_new_features_path"),
+    "side": ("side_info_model_path", "side_info_features_path", "val_side_info_features_path"),
+}
 
-    old_model_path: str  # the frozen old model
-    new_model_path: str  # the frozen new model (its classifier serves the discriminative loss)
+
+@dataclass(frozen=True, kw_only=True)
+class TransformationConfig:
+    """``train_transformation.py`` config: train h(old, side) -> new between frozen models, or on
+    embeddings the models stored (``old_features_path``, ``new_features_path`` and their ``val_``
+    counterparts; ``.npz`` with ``features`` (N, D), ``labels`` (N,) and optionally ``ids`` (N,)).
+
+    With stored embeddings no model is run: ``new_model_path``, when given, only lends its classifier
+    to the discriminative loss, and ``old_model_path`` (with ``side_info_model_path``) is only packed
+    with h into the transformed old model; without ``old_model_path`` only h is written.
+    """
+
+    # the frozen old model; with old_features_path: not run, only packed into the transformed old model
+    old_model_path: Optional[str] = None
+    # the frozen new model (its classifier serves the discriminative loss); with new_features_path: not
+    # run, only its classifier is used
+    new_model_path: Optional[str] = None
     arch_params: TransformationArchParams  # the transformation h
     optimizer_params: OptimizerParams  # the optimiser of h
-    dataset_params: DatasetParams  # the training data (and its val split, for validation)
+    # the training data (and its val split, for validation); with stored embeddings only batch_size and
+    # num_workers are used
+    dataset_params: DatasetParams
     epochs: int  # training epochs
     output_transformation_path: str  # h alone (a 'transformation' model file)
-    output_transformed_old_model_path: str  # old model + side-info model + h as one gallery model for eval.py
-    side_info_model_path: Optional[str] = None  # frozen side-information model; None: none
+    # old model + side-information model + h as one gallery model for eval.py; needs old_model_path
+    # (None only when training on stored embeddings without old_model_path: then only h is written)
+    output_transformed_old_model_path: Optional[str] = None
+    # frozen side-information model; None: none. With side_info_features_path: only packed into the
+    # transformed old model
+    side_info_model_path: Optional[str] = None
+    # extension: the old model's embeddings of the training set (.npz); replaces running old_model_path
+    old_features_path: Optional[str] = None
+    new_features_path: Optional[str] = None  # extension: the new model's embeddings of the training set (.npz)
+    # extension: the side-information model's embeddings of the training set (.npz); None: none
+    side_info_features_path: Optional[str] = None
+    val_old_features_path: Optional[str] = None  # extension: the old model's embeddings of the validation set
+    val_new_features_path: Optional[str] = None  # extension: the new model's embeddings of the validation set
+    # extension: the side-information model's embeddings of the validation set (with side_info_features_path)
+    val_side_info_features_path: Optional[str] = None
     lr_policy_params: LrPolicyParams = field(default_factory=LrPolicyParams)  # learning-rate schedule
     objective_params: ObjectiveParams = field(default_factory=ObjectiveParams)  # the losses training h
     # from half of the epochs on, h's BatchNorm layers run in eval mode
     switch_mode_to_eval: bool = True
     seed: int = 0  # extension: seeds initialisation, data order and augmentation
     output_dir: Optional[str] = None  # extension: run folder; default runs/<transformation file stem>
-    feature_cache: FeatureCacheParams = field(default_factory=FeatureCacheParams)  # extension
+    # extension (not used with stored embeddings, which are already in memory)
+    feature_cache: FeatureCacheParams = field(default_factory=FeatureCacheParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # extension
 
     def __post_init__(self) -> None:
@@ -196,6 +230,57 @@ class TransformationConfig:
             raise ConfigError(
                 f"lr_policy_params.warmup_length={self.lr_policy_params.warmup_length} exceeds epochs={self.epochs}"
             )
+        if self.from_stored_embeddings:
+            self._check_stored_embeddings()
+        else:
+            self._check_models()
+
+    @property
+    def from_stored_embeddings(self) -> bool:
+        """Whether h trains on stored embeddings (any ``*_features_path`` given) rather than models."""
+        return any(getattr(self, key) is not None for _, train, val in ROLE_KEYS.values() for key in (train, val))
+
+    def _check_models(self) -> None:
+        for role in ("old", "new"):
+            model, train, val = ROLE_KEYS[role]
+            if getattr(self, model) is None:
+                raise ConfigError(f"missing {model} (or {train} and {val}, to train on stored embeddings)")
+        if self.output_transformed_old_model_path is None:
+            raise ConfigError("missing output_transformed_old_model_path (the transformed old model of old_model_path)")
+
+    def _check_stored_embeddings(self) -> None:
+        """Every role's embeddings come from files; a model file beside them has one named use only."""
+        given = next(key for _, train, val in ROLE_KEYS.values() for key in (train, val) if getattr(self, key))
+        for role in ("old", "new"):
+            for key in ROLE_KEYS[role][1:]:
+                if getattr(self, key) is None:
+                    raise ConfigError(f"missing {key}: {given} is given, so h trains on stored embeddings and "
+                                      f"every role's embeddings come from files ({ROLE_KEYS[role][0]} is not run)")
+        side_model, side_train, side_val = ROLE_KEYS["side"]
+        if (getattr(self, side_train) is None) != (getattr(self, side_val) is None):
+            have, miss = (side_train, side_val) if getattr(self, side_train) else (side_val, side_train)
+            raise ConfigError(f"{have} is given but {miss} is not; give both or neither")
+        with_side = getattr(self, side_train) is not None
+        if self.old_model_path is None:
+            if self.output_transformed_old_model_path is not None:
+                raise ConfigError("output_transformed_old_model_path needs old_model_path: from stored embeddings "
+                                  "alone only h (output_transformation_path) is written")
+            if self.side_info_model_path is not None:
+                raise ConfigError(f"{side_model} with stored embeddings is only packed into the transformed old "
+                                  f"model, which needs old_model_path; drop {side_model} or give old_model_path")
+        else:
+            if self.output_transformed_old_model_path is None:
+                raise ConfigError("missing output_transformed_old_model_path (old_model_path is given, which is "
+                                  "only used to write it)")
+            if with_side and self.side_info_model_path is None:
+                raise ConfigError(f"{side_train} is given, so the transformed old model needs {side_model} too")
+        if self.side_info_model_path is not None and not with_side:
+            raise ConfigError(f"{side_model} is given but {side_train} is not: with stored embeddings h's "
+                              f"side input comes from {side_train} and {side_val}")
+        if self.objective_params.discriminative_loss is not None and self.new_model_path is None:
+            raise ConfigError("objective_params.discriminative_loss needs the new model's classifier: give "
+                              "new_model_path (only its classifier is used; the embeddings come from "
+                              "new_features_path) or drop discriminative_loss")
 
     @property
     def run_dir(self) -> str:

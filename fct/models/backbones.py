@@ -1,4 +1,7 @@
-"""ResNet backbones that output an embedding of a chosen width and bias-free classifier logits.
+"""Backbones: fct's ResNets (below) and, by ``timm/<name>`` / ``torchvision/<name>``, foreign
+networks (:mod:`fct.models.foreign`); all return ``BackboneOutput`` and have a ``classifier``.
+
+ResNet backbones that output an embedding of a chosen width and bias-free classifier logits.
 
 The embedding follows the FCT reference recipe (protocols.md §4): the *last* residual block of
 the last stage outputs ``embedding_dim`` channels directly (its shortcut becomes a 1x1
@@ -23,18 +26,14 @@ block's output would otherwise start as its shortcut alone.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Type, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 
 from fct.errors import ConfigError
+from fct.models.backbone_output import BackboneOutput
 from fct.registry import Registry
-
-
-class BackboneOutput(NamedTuple):
-    embedding: torch.Tensor  # (N, embedding_dim), after global pooling
-    logits: Optional[torch.Tensor]  # (N, num_classes), None for feature-only models
 
 
 def _projection(in_ch: int, out_ch: int, stride: int) -> Optional[nn.Module]:
@@ -183,6 +182,12 @@ class ResNet(nn.Module):
         embedding = self.features(x)
         return BackboneOutput(embedding=embedding, logits=self.classifier(embedding))
 
+    def trunk_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything but the classifier (``optimizer_params.backbone_lr_mult`` scales its lr,
+        e.g. when fine-tuning from ``init_from``)."""
+        head = {id(p) for p in self.classifier.parameters()}
+        return (p for p in self.parameters() if id(p) not in head)
+
 
 BackboneFactory = Callable[..., ResNet]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone architecture")
@@ -219,10 +224,13 @@ for _depth in (20, 32, 56):
     _register_resnet(f"CifarResNet{_depth}", BasicBlock, (_n, _n, _n), _SMALL_CIFAR_PLANES, imagenet_stem=False)
 
 
-def build_backbone(arch: str, *, num_classes: int, embedding_dim: Optional[int] = None,
-                   last_nonlin: bool = True) -> ResNet:
-    """Build a backbone by name (an unknown name raises ConfigError listing the valid ones)."""
-    factory = BACKBONES.get(arch)
+_FOREIGN_ONLY = ("pretrained_path", "key_map", "embedding_layer", "arch_kwargs", "image_mean", "image_std",
+                 "image_size")
+
+
+def _check_arch_args(arch: str, num_classes: Any, embedding_dim: Any, last_nonlin: Any) -> None:
+    if not isinstance(arch, str):
+        raise ConfigError(f"arch_params.arch must be a string, got {arch!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"arch_params.num_classes must be a positive integer, got {num_classes!r}")
     if embedding_dim is not None and (
@@ -231,14 +239,73 @@ def build_backbone(arch: str, *, num_classes: int, embedding_dim: Optional[int] 
         raise ConfigError(f"arch_params.embedding_dim must be a positive integer or null, got {embedding_dim!r}")
     if not isinstance(last_nonlin, bool):
         raise ConfigError(f"arch_params.last_nonlin must be true or false, got {last_nonlin!r}")
-    return factory(num_classes=num_classes, embedding_dim=embedding_dim, last_nonlin=last_nonlin)
 
 
-def backbone_arch_params(model: ResNet) -> dict:
-    """The ``arch_params`` that rebuild ``model`` with :func:`build_backbone` (width resolved)."""
-    return {
+def _registry_error(arch: str) -> ConfigError:
+    try:
+        BACKBONES.get(arch)
+    except ConfigError as e:
+        return ConfigError(f"{e}; or timm/<name> (python -c \"import timm; print(timm.list_models())\") or "
+                           "torchvision/<name> (torchvision.models.list_models())")
+    raise AssertionError(arch)
+
+
+def build_backbone(arch: str, *, num_classes: int, embedding_dim: Optional[int] = None,
+                   last_nonlin: bool = True, pretrained_path: Optional[str] = None,
+                   key_map: Optional[Mapping[str, str]] = None, embedding_layer: Optional[str] = None,
+                   arch_kwargs: Optional[Mapping[str, Any]] = None, image_mean: Optional[Sequence[float]] = None,
+                   image_std: Optional[Sequence[float]] = None, image_size: Optional[int] = None,
+                   load_weights: bool = True) -> nn.Module:
+    """Build a backbone by name: a registered fct ResNet, ``timm/<name>`` or ``torchvision/<name>``
+    (:mod:`fct.models.foreign`). An unknown name raises ConfigError listing the valid ones.
+
+    ``pretrained_path`` (foreign backbones) is read only when ``load_weights``; a model file's
+    builder passes False, its own state dict holds the weights. ``image_*`` override the
+    pretrained preprocessing the module reports in ``.preprocessing`` (nothing in forward uses it).
+    """
+    _check_arch_args(arch, num_classes, embedding_dim, last_nonlin)
+    if "/" not in arch:
+        if arch not in BACKBONES:
+            raise _registry_error(arch)
+        given = [k for k, v in (("pretrained_path", pretrained_path), ("key_map", key_map),
+                                ("embedding_layer", embedding_layer), ("arch_kwargs", arch_kwargs),
+                                ("image_mean", image_mean), ("image_std", image_std),
+                                ("image_size", image_size)) if v]
+        if given:
+            raise ConfigError(f"arch_params.{given[0]} is for timm/ and torchvision/ backbones, not {arch} "
+                              "(an fct model file initialises a run through init_from)")
+        return BACKBONES.get(arch)(num_classes=num_classes, embedding_dim=embedding_dim, last_nonlin=last_nonlin)
+
+    from fct.models.foreign import ForeignBackbone, build_trunk, load_pretrained
+
+    if embedding_layer is not None and (not isinstance(embedding_layer, str) or not embedding_layer):
+        raise ConfigError(f"arch_params.embedding_layer must be a module name or null, got {embedding_layer!r}")
+    trunk = build_trunk(arch, arch_kwargs)
+    model = ForeignBackbone(arch, trunk, num_classes=num_classes, embedding_dim=embedding_dim,
+                            last_nonlin=last_nonlin, embedding_layer=embedding_layer,
+                            arch_kwargs=arch_kwargs or {})
+    for key, value in (("mean", image_mean), ("std", image_std), ("image_size", image_size)):
+        if value is not None:
+            model.preprocessing[key] = list(value) if key != "image_size" else int(value)
+    if pretrained_path is not None and load_weights:
+        from pathlib import Path
+
+        model.pretrained = load_pretrained(model, Path(pretrained_path), key_map)
+    return model
+
+
+def backbone_arch_params(model: nn.Module) -> dict:
+    """The ``arch_params`` that rebuild ``model`` with :func:`build_backbone` (widths resolved;
+    a foreign backbone's preprocessing resolved, its weight file left out: the weights are in
+    the model file)."""
+    params = {
         "arch": model.arch,
         "num_classes": model.num_classes,
         "embedding_dim": model.embedding_dim,
         "last_nonlin": model.last_nonlin,
     }
+    if "/" in model.arch:
+        pre = model.preprocessing
+        params.update(embedding_layer=model.embedding_layer, arch_kwargs=dict(model.arch_kwargs),
+                      image_mean=list(pre["mean"]), image_std=list(pre["std"]), image_size=pre["image_size"])
+    return params

@@ -67,7 +67,8 @@ ModelBuilder = Callable[[dict], nn.Module]
 
 MODEL_KINDS: Registry[ModelBuilder] = Registry("model kind")
 
-_BACKBONE_PARAMS = ("arch", "num_classes", "embedding_dim", "last_nonlin")
+_BACKBONE_PARAMS = ("arch", "num_classes", "embedding_dim", "last_nonlin", "pretrained_path", "key_map",
+                    "embedding_layer", "arch_kwargs", "image_mean", "image_std", "image_size")
 _TRANSFORMED_KEYS = ("transformation", "old_model", "side_model")
 
 
@@ -79,7 +80,8 @@ def _build_backbone_kind(arch_params: dict) -> nn.Module:
     for key in ("arch", "num_classes"):
         if key not in arch_params:
             raise ConfigError(f"arch_params.{key} is missing")
-    return build_backbone(**arch_params)
+    # pretrained_path is a record of where training started; the file's state dict holds the weights.
+    return build_backbone(**arch_params, load_weights=False)
 
 
 @MODEL_KINDS.register("transformation")
