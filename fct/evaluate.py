@@ -26,6 +26,7 @@ from fct.runtime import Runtime, make_runtime
 
 # Config keys of the files eval.py reads.
 INPUT_KEYS = ("query_model_path", "gallery_model_path", "query_features_path", "gallery_features_path",
+              "gallery_transformation_path", "gallery_side_info_features_path",
               "reference_query_model_path", "reference_gallery_model_path",
               "reference_query_features_path", "reference_gallery_features_path")
 

@@ -244,7 +244,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
                            extra_state=extra_state),
                    cfg, run, rt, config_dict)
         if dist.is_main():
-            _save_outputs(cfg, model, last, k, train_set, init_info, bct, previous)
+            _save_outputs(cfg, model, last, k, info.image_size, train_set, init_info, bct, previous)
         dist.barrier()
     return last
 
@@ -265,13 +265,14 @@ class _SampledLoader:
         return iter(self.loader)
 
 
-def _save_outputs(cfg: BackboneConfig, model: nn.Module, last: dict[str, Any], k: int, train_set: Any,
-                  init_info: Optional[dict[str, Any]], bct: Optional[BCTReference],
+def _save_outputs(cfg: BackboneConfig, model: nn.Module, last: dict[str, Any], k: int, image_size: int,
+                  train_set: Any, init_info: Optional[dict[str, Any]], bct: Optional[BCTReference],
                   previous: Optional[PreviousVersions]) -> None:
     """Write the model file (and B_k) with a record of how it was trained (rank 0)."""
     dp, ssl = cfg.dataset_params, cfg.ssl_params
     meta: dict[str, Any] = {
         "dataset": dp.name,
+        "image_size": image_size,  # what exports and foreign runtimes feed the model
         "trained_classes": k,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
@@ -285,6 +286,9 @@ def _save_outputs(cfg: BackboneConfig, model: nn.Module, last: dict[str, Any], k
         meta.update(label_free=True, ssl=ssl_meta)
     if init_info is not None:
         meta["init_from"] = init_info
+    pretrained = cfg.arch_params.pretrained_path
+    if pretrained is not None:
+        meta["pretrained"] = {"path": pretrained, "sha256": file_sha256(pretrained)}
     if bct is not None:
         meta["bct"] = bct.record
     if previous is not None:
@@ -308,7 +312,8 @@ def _output_files(cfg: BackboneConfig) -> dict[str, Optional[str]]:
 
 def _input_files(cfg: BackboneConfig) -> dict[str, Optional[str]]:
     """The model files a run reads, by config key."""
-    files: dict[str, Optional[str]] = {"init_from": cfg.init_from}
+    files: dict[str, Optional[str]] = {"init_from": cfg.init_from,
+                                       "arch_params.pretrained_path": cfg.arch_params.pretrained_path}
     if cfg.bct_params is not None:
         files["bct_params.old_model_path"] = cfg.bct_params.old_model_path
     if cfg.backward_params is not None:

@@ -6,6 +6,9 @@ seed), so a run that adds a model (e.g. side-information) reuses the features of
 markers. A view is marked done only after every process wrote its shard and the arrays were
 flushed, so an interrupted build resumes at the first unfinished view and never serves a
 half-written one. The models still missing a view are run together in one pass over the data.
+
+Stored embeddings (features files that teams wrote with their own models) become a one-view
+cache in memory (:func:`stored_feature_cache`), so training on them runs the same batches.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ class FeatureCache:
     def view(self, v: int, device: torch.device) -> dict[str, torch.Tensor]:
         """All features of view ``v`` as tensors on ``device`` (read once per epoch)."""
         return {k: torch.from_numpy(np.array(a[v])).to(device) for k, a in self.arrays.items()}
+
+
+def stored_feature_cache(features: dict[str, np.ndarray], labels: np.ndarray,
+                         sources: dict[str, str]) -> FeatureCache:
+    """A one-view cache of stored embeddings: ``features`` name -> (N, D_name) rows of the same
+    images in one order, ``labels`` (N,), ``sources`` name -> the file each came from."""
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32)[None] for k, v in features.items()}
+    return FeatureCache(roots={k: Path(p) for k, p in sources.items()}, arrays=arrays,
+                        labels=np.asarray(labels, dtype=np.int64))
 
 
 def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
