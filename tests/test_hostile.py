@@ -58,6 +58,10 @@ def world(tmp_path_factory) -> Path:
     np.savez(root / "features" / "f8.npz", features=rng.normal(size=(60, 8)).astype(np.float32), labels=labels)
     np.savez(root / "features" / "f9.npz", features=rng.normal(size=(60, 9)).astype(np.float32), labels=labels)
     np.savez(root / "features" / "no_labels.npz", features=rng.normal(size=(60, 8)).astype(np.float32))
+    np.savez(root / "features" / "f16_50.npz", features=rng.normal(size=(50, 16)).astype(np.float32),
+             labels=np.arange(50) % 5)
+    np.savez(root / "features" / "f24.npz", features=rng.normal(size=(60, 24)).astype(np.float32), labels=labels)
+    np.savez(root / "features" / "f16.npz", features=rng.normal(size=(60, 16)).astype(np.float32), labels=labels)
 
     def npz_data(folder: Path, train: np.ndarray, val: np.ndarray) -> None:
         folder.mkdir(parents=True)
@@ -173,6 +177,20 @@ ROWS = [
     Row("results-path-is-the-gallery-model", "eval",
         _eval("query_model_path: {world}/models/old.pt\ngallery_model_path: {world}/link_to_old.pt\n" + DIGITS
               + "results_path: {world}/models/old.pt\n"), ("results_path is the input",)),
+    # stored embeddings instead of models (train_transformation.py)
+    Row("features-of-different-counts", "train_transformation",
+        _transformation("old_features_path={world}/features/f16_50.npz", "new_features_path={world}/features/f24.npz",
+                        "val_old_features_path={world}/features/f16.npz",
+                        "val_new_features_path={world}/features/f24.npz"), ("f16_50.npz", "f24.npz")),
+    Row("features-for-only-one-role", "train_transformation",
+        _transformation("old_features_path={world}/features/f16.npz",
+                        "val_old_features_path={world}/features/f16.npz"), ("new_features_path",)),
+    # wrap
+    Row("wrap-unknown-builder", "fct.models.wrap",
+        lambda world, tmp: ["--arch", "evil/x", "--out", str(tmp / "w.pt")], ("unknown backbone family 'evil'",)),
+    Row("wrap-missing-weights", "fct.models.wrap",
+        lambda world, tmp: ["--arch", "torchvision/resnet18", "--pretrained-path", str(world / "nope.pth"),
+                            "--out", str(tmp / "w.pt")], ("nope.pth",)),
     # export
     Row("export-missing-model", "fct.export",
         lambda world, tmp: ["--model", str(world / "models" / "nope.pt"), "--format", "onnx",

@@ -88,10 +88,10 @@ def wrap(arch_params: dict[str, Any], out: str) -> dict[str, Any]:
     if "/" not in arch_params["arch"]:
         raise UserError(f"wrap is for timm/<name> and torchvision/<name> backbones, not {arch_params['arch']}; "
                         "fct's own backbones are written by train_backbone.py")
-    if arch_params.get("pretrained_path") is None:
-        print("warning: no --pretrained-path: the model keeps its random weights", file=sys.stderr)
     torch.manual_seed(0)  # the (untrained) classifier and projection
     model = build_backbone(**arch_params).eval()
+    if arch_params.get("pretrained_path") is None:  # warned once the arch itself is known to be valid
+        print("warning: no --pretrained-path: the model keeps its random weights", file=sys.stderr)
     meta = {"wrapped": True, "code_version": fct.__version__, "preprocessing": dict(model.preprocessing)}
     if model.pretrained is not None:
         meta["pretrained"] = model.pretrained
