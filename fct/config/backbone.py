@@ -28,7 +28,10 @@ class ArchParams:
     # timm/torchvision: local weights (.safetensors, or .pt/.pth read with weights_only) loaded into the
     # network before training; the network's own classifier keys are dropped, any other mismatch fails
     pretrained_path: Optional[str] = None
-    # timm/torchvision: prefix renames of the weight file's keys, e.g. {"module.": ""}; first match wins
+    # timm/torchvision: prefix renames of the weight file's keys, e.g. {"module.": ""}; first match wins.
+    # {"@positional": ""} (alone) instead pairs the file's tensors with the network's in order, each
+    # pair of equal shape (fails on the first mismatch, naming both), for a file of the same layers
+    # under other names (e.g. flat _blocks.N against timm's blocks.S.I); a trailing classifier is dropped
     key_map: Optional[dict] = None
     # timm/torchvision: module (dotted name) whose globally pooled output is the embedding; None: the
     # input of the network's classifier (timm's pooled pre-logits, torchvision's input of its last Linear)

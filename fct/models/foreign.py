@@ -4,7 +4,7 @@
 ``arch: torchvision/<name>`` builds ``torchvision.models.get_model(name, weights=None, **arch_kwargs)``
 (classification models only). Nothing is ever downloaded: pretrained weights come from a local
 state-dict file (``pretrained_path``, ``.safetensors`` / ``.pt`` / ``.pth``) whose keys may be renamed
-by prefix (``key_map``).
+by prefix (``key_map``), or paired with the network's by position (``key_map: {"@positional": ""}``).
 
 The module (:class:`ForeignBackbone`) is::
 
@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from fct.errors import ConfigError, UserError
 from fct.models.backbone_output import BackboneOutput
+from fct.models.state_dicts import first_names, state_dict_mismatch
 from fct.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -323,40 +324,76 @@ def apply_key_map(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str],
     return out
 
 
-def _first(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+POSITIONAL = "@positional"  # the key_map entry that pairs the file's keys with the network's by order
+
+
+def is_positional(key_map: Optional[Mapping[str, str]]) -> bool:
+    """Whether ``key_map`` asks for the by-position pairing (UserError if mixed with prefix rules)."""
+    if not key_map or POSITIONAL not in key_map:
+        return False
+    if len(key_map) != 1 or key_map[POSITIONAL] != "":
+        raise UserError(f"key_map {dict(key_map)!r}: {POSITIONAL!r} must be the only entry, "
+                        f"with an empty value ({{{POSITIONAL!r}: ''}})")
+    return True
+
+
+def apply_positional(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                     path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Pair the file's keys with the network's (``expected``, its state dict) in order: the i-th
+    tensor of the file gets the i-th name of the network, and every pair must have the same shape.
+
+    For a file saved by a network with the same layers in the same order (only the names differ,
+    e.g. flat ``_blocks.N`` against staged ``blocks.S.I``). The file may end with a removed
+    classifier that the network no longer has: at most a Linear's weight (2-D) and bias (1-D of its
+    rows), returned as the dropped keys. UserError on the first shape mismatch (naming both keys and
+    shapes), on a file with fewer tensors than the network, and on any other trailing tensors."""
+    keys, names = list(state), list(expected)
+    for i, (key, name) in enumerate(zip(keys, names)):
+        if state[key].shape != expected[name].shape:
+            raise UserError(f"pretrained_path {path}: key_map {POSITIONAL}: tensor {i} of the file, {key} "
+                            f"{tuple(state[key].shape)}, does not fit tensor {i} of the network, {name} "
+                            f"{tuple(expected[name].shape)} (the layers differ or are in another order)")
+    if len(keys) < len(names):
+        raise UserError(f"pretrained_path {path}: key_map {POSITIONAL}: the file has {len(keys)} tensors, "
+                        f"the network {len(names)}; nothing in the file for {first_names(names[len(keys):])}")
+    rest = keys[len(names):]
+    shapes = [tuple(state[k].shape) for k in rest]
+    linear = (len(rest) <= 2 and (not rest or len(shapes[0]) == 2)
+              and (len(rest) < 2 or shapes[1] == shapes[0][:1]))
+    if not linear:
+        raise UserError(f"pretrained_path {path}: key_map {POSITIONAL}: the file has {len(rest)} tensors more "
+                        f"than the network ({first_names(rest)}); only a removed classifier (a Linear's weight "
+                        f"and bias) may be left over")
+    return {name: state[key] for key, name in zip(keys, names)}, rest
 
 
 def load_pretrained(model: ForeignBackbone, path: Path, key_map: Optional[Mapping[str, str]]) -> dict[str, Any]:
     """Load a local state dict into ``model.trunk`` (strict except the removed classifier's keys).
+
+    ``key_map`` renames the file's keys by prefix (:func:`apply_key_map`), or, as
+    ``{"@positional": ""}``, pairs them with the trunk's by order (:func:`apply_positional`).
 
     Returns a record for the model file's meta: path, SHA-256, dropped classifier keys.
     UserError naming the first missing / unexpected keys and shape mismatches otherwise."""
     from fct.io import file_sha256
 
     state = read_state_dict(path)
-    if key_map:
-        state = apply_key_map(state, key_map, path)
-    dropped = [k for k in state if k.startswith(model.head_prefixes)]
-    state = {k: v for k, v in state.items() if k not in dropped}
     expected = model.trunk.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_first(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch: {_first(shapes, 2)}")
+    if is_positional(key_map):
+        state, dropped = apply_positional(state, expected, path)
+    else:
+        if key_map:
+            state = apply_key_map(state, key_map, path)
+        dropped = [k for k in state if k.startswith(model.head_prefixes)]
+        state = {k: v for k, v in state.items() if k not in dropped}
+    mismatch = state_dict_mismatch(expected, state)
+    if mismatch:
         hint = ""
+        unexpected = [k for k in state if k not in expected]
         prefixes = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
         if unexpected and len(prefixes) == 1 and len(unexpected) == len(state):
             hint = f"; every key starts with {next(iter(prefixes))!r}: try key_map {{{next(iter(prefixes))!r}: ''}}"
-        raise UserError(f"pretrained_path {path} does not fit {model.arch}: {'; '.join(parts)}{hint}")
+        raise UserError(f"pretrained_path {path} does not fit {model.arch}: {mismatch}{hint}")
     model.trunk.load_state_dict(state, strict=True)
     return {"path": str(path), "sha256": file_sha256(path), "key_map": dict(key_map or {}),
             "dropped_classifier_keys": len(dropped)}

@@ -50,6 +50,7 @@ from fct.errors import ConfigError, UserError
 from fct.io import atomic_torch_save
 from fct.models.backbones import BackboneOutput, build_backbone
 from fct.models.scripted import ScriptedEmbeddingModel, TorchScriptPart, is_torchscript_file
+from fct.models.state_dicts import state_dict_mismatch
 from fct.models.transformed import TransformedOldModel
 from fct.registry import Registry
 from fct.transformations.heads import build_transformation
@@ -290,26 +291,11 @@ def read_model_file(path: PathLike) -> dict:
     return data
 
 
-def _first(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
 def _load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     """``load_state_dict(strict=True)`` with one readable error naming the first offending keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_first(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch: {_first(shapes, 2)}")
-        raise UserError(f"{path}: state_dict does not match {what}: {'; '.join(parts)}")
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise UserError(f"{path}: state_dict does not match {what}: {mismatch}")
     model.load_state_dict(state, strict=True)
 
 
