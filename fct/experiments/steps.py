@@ -51,11 +51,7 @@ def backbone(path: Path, sets: list[str]) -> Prepared:
     from fct.training.backbone import train_backbone
 
     cfg = load_config(BackboneConfig, path, sets)
-
-    def run(cache: Cache) -> None:
-        train_backbone(cfg)
-
-    return Prepared(cfg, run)
+    return Prepared(cfg, lambda cache: train_backbone(cfg))
 
 
 @STEP_KINDS.register("transformation")
@@ -65,11 +61,7 @@ def transformation(path: Path, sets: list[str]) -> Prepared:
     from fct.training.transformation import train_transformation
 
     cfg = load_config(TransformationConfig, path, sets)
-
-    def run(cache: Cache) -> None:
-        train_transformation(cfg)
-
-    return Prepared(cfg, run)
+    return Prepared(cfg, lambda cache: train_transformation(cfg))
 
 
 @STEP_KINDS.register("eval")
