@@ -124,6 +124,19 @@ def _yaml(text: str, script_args: Callable[[Path, Path], list[str]]) -> Callable
     return args
 
 
+def _chain_config(world: Path, tmp: Path, output_dir: Path) -> list[str]:
+    cfg = tmp / "chain.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        versions:
+          - {{id: v0, model_path: {world}/models/old.pt, change: major}}
+          - {{id: v1, model_path: {world}/models/new.pt, parent: v0}}
+        dataset_params: {{name: digits, num_workers: 0, batch_size: 256}}
+        registry_dir: {tmp}/registry
+        output_dir: {output_dir}
+        """))
+    return ["--config", str(cfg)]
+
+
 DIGITS = "dataset_params: {{name: digits, num_workers: 0, batch_size: 128}}\n"
 ROWS = [
     # config mistakes
@@ -191,6 +204,13 @@ ROWS = [
     Row("wrap-missing-weights", "fct.models.wrap",
         lambda world, tmp: ["--arch", "torchvision/resnet18", "--pretrained-path", str(world / "nope.pth"),
                             "--out", str(tmp / "w.pt")], ("nope.pth",)),
+    # compat.py (compatibility matrix of a chain)
+    Row("compat-output_dir-is-a-file", "compat",
+        lambda world, tmp: _chain_config(world, tmp, output_dir=world / "a_file"), ("output_dir", "is a file")),
+    Row("compat-registry_dir-is-a-model", "compat",
+        lambda world, tmp: _chain_config(world, tmp, output_dir=tmp / "out") + ["--set",
+                                                                               f"registry_dir={world}/link_to_old.pt"],
+        ("registry_dir", "is a file")),
     # export
     Row("export-missing-model", "fct.export",
         lambda world, tmp: ["--model", str(world / "models" / "nope.pt"), "--format", "onnx",

@@ -23,6 +23,7 @@ from fct.config.chain import ChainConfig
 from fct.config.loader import to_dict
 from fct.errors import UserError
 from fct.io import atomic_write_json, atomic_write_text
+from fct.outputs import check_outputs
 from fct.report import format_table
 from fct.runtime import Runtime, make_runtime
 
@@ -77,6 +78,16 @@ def _describe(side: str, edges: list, i: str, j: str) -> str:
     return f"{'gallery' if side == 'gallery' else 'queries'} mapped: {chain}"
 
 
+def check_chain_outputs(cfg: ChainConfig) -> None:
+    """Refuse, before any work, output folders that are files, unwritable, or an input."""
+    inputs: dict[str, Optional[str]] = {}
+    for i, v in enumerate(cfg.versions):
+        inputs[f"versions[{i}].model_path"] = v.model_path
+        for j, e in enumerate(v.edges):
+            inputs[f"versions[{i}].edges[{j}].path"] = e.path
+    check_outputs(files={}, inputs=inputs, folders={"output_dir": cfg.output_dir, "registry_dir": cfg.registry_dir})
+
+
 def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, Any]:
     """Compute the matrices of ``cfg``; writes ``matrix.json``, ``matrix.md``, one heat map per
     metric and the projections into ``cfg.output_dir``; returns the JSON dict."""
@@ -84,6 +95,7 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     from fct.retrieval.embeddings import model_embeddings
     from fct.retrieval import retrieval_metrics
 
+    check_chain_outputs(cfg)
     rt = rt or make_runtime(cfg.runtime)
     ep = cfg.eval_params
     out = Path(cfg.output_dir)
