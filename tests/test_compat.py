@@ -233,26 +233,32 @@ def test_chunked_conversion_equals_in_memory(chain, tmp_path):
         convert_embeddings(reg, "v2", "v3", tmp_path / "v1.npy", tmp_path / "bad.npy", progress=False)
 
 
-def test_interrupted_conversion_resumes(chain, tmp_path, monkeypatch):
-    reg, maps = chain
-    x = np.random.default_rng(1).standard_normal((23, 4)).astype(np.float32)
-    np.save(tmp_path / "v1.npy", x)
-    out_path = tmp_path / "v3.npy"
+def _interrupt_third_chunk(monkeypatch) -> None:
+    """Make conversions raise KeyboardInterrupt (Ctrl-C) when the third chunk is mapped."""
     real_compose = VersionRegistry.compose
-    calls = []
+    calls: list = []
 
     def failing(self, edges, device="cpu"):
         fn = real_compose(self, edges, device)
 
         def apply(t):
             if len(calls) == 2:
-                raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the third chunk
+                raise KeyboardInterrupt
             calls.append(t.clone())
             return fn(t)
 
         return apply
 
     monkeypatch.setattr(VersionRegistry, "compose", failing)
+
+
+def test_interrupted_conversion_resumes(chain, tmp_path, monkeypatch):
+    reg, maps = chain
+    x = np.random.default_rng(1).standard_normal((23, 4)).astype(np.float32)
+    np.save(tmp_path / "v1.npy", x)
+    out_path = tmp_path / "v3.npy"
+    real_compose = VersionRegistry.compose
+    _interrupt_third_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=5, progress=False)
     sidecar = tmp_path / ".v3.npy.progress.json"
@@ -274,8 +280,8 @@ def test_interrupted_conversion_resumes(chain, tmp_path, monkeypatch):
     assert not sidecar.exists() and not (tmp_path / ".v3.npy.partial.npy").exists()
 
     # an interrupted run whose input then changes starts over
-    monkeypatch.setattr(VersionRegistry, "compose", failing)
-    calls.clear()
+    monkeypatch.setattr(VersionRegistry, "compose", real_compose)
+    _interrupt_third_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=5, progress=False)
     x2 = x[:21] * 2
@@ -472,20 +478,7 @@ def test_nonfinite_count_survives_a_resume(chain, tmp_path, monkeypatch, capsys)
     _rows_with_nonfinite(tmp_path)
     out_path = tmp_path / "v3.npy"
     real_compose = VersionRegistry.compose
-    calls = []
-
-    def failing(self, edges, device="cpu"):
-        fn = real_compose(self, edges, device)
-
-        def apply(t):
-            if len(calls) == 2:
-                raise KeyboardInterrupt  # during the third chunk: rows 0-7 are done, with row 5
-            calls.append(1)
-            return fn(t)
-
-        return apply
-
-    monkeypatch.setattr(VersionRegistry, "compose", failing)
+    _interrupt_third_chunk(monkeypatch)  # rows 0-7 are done, with row 5
     with pytest.raises(KeyboardInterrupt):
         convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=4, progress=False)
     saved = json.loads((tmp_path / ".v3.npy.progress.json").read_text())

@@ -53,24 +53,13 @@ def backbone_config(tmp_path: Path, data_root: Path, extra: str = "") -> Path:
     return p
 
 
-class _Unrelated(nn.Module):
-    """Not an image model: a linear layer on 10 features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(10, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     arch = {"arch": "CifarResNet20", "num_classes": 10, "embedding_dim": 16, "last_nonlin": True}
     save_model_file(d / "backbone.pt", build_backbone(**arch), kind="backbone", arch_params=arch)
-    torch.jit.save(torch.jit.script(_Unrelated()), str(d / "unrelated.pt"))
+    torch.jit.save(torch.jit.script(nn.Linear(10, 5)), str(d / "unrelated.pt"))  # not an image model
     return {"backbone": d / "backbone.pt", "unrelated": d / "unrelated.pt"}
 
 

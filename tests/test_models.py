@@ -483,17 +483,6 @@ def test_load_to_map_location(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _Unrelated(nn.Module):
-    """A module that does not take images: torch.jit.save'd and given as a model path by mistake."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(10, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
 class _OneRow(nn.Module):
     """Takes images but answers one row for the whole batch."""
 
@@ -508,7 +497,7 @@ def _scripted(tmp_path, module: nn.Module, name: str) -> str:
 
 
 def test_probe_refuses_a_torchscript_model_that_does_not_take_the_images(tmp_path) -> None:
-    path = _scripted(tmp_path, _Unrelated(), "unrelated.pt")
+    path = _scripted(tmp_path, nn.Linear(10, 5), "unrelated.pt")  # not an image model
     load_model_file(path)  # without an example input nothing is run
     for example in (torch.zeros(3, 8, 8), torch.zeros(5, 3, 8, 8)):
         with pytest.raises(UserError) as info:
