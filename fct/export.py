@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -45,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from fct.errors import RunError, UserError
-from fct.io import current_umask
+from fct.io import atomic_write
 from fct.models import load_model_file, read_model_file
 from fct.outputs import check_outputs
 
@@ -254,11 +253,9 @@ def export_model(path: PathLike, fmt: str, out: PathLike, *, opset: int = DEFAUL
         raise UserError(f"{path} does not take inputs of shapes {[tuple(x.shape) for x in example]}: "
                         f"{_first_line(e)}") from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
+    checked: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
         try:
             if fmt == "onnx":
                 _write_onnx(graph, example, list(shapes), outputs, opset, tmp)
@@ -270,15 +267,13 @@ def export_model(path: PathLike, fmt: str, out: PathLike, *, opset: int = DEFAUL
             other = "torchscript" if fmt == "onnx" else "onnx"
             raise UserError(f"{path}: export to {fmt} failed ({_first_line(e)}); "
                             f"--format {other} may work") from None
-        checked = verify(graph, fmt, tmp, shapes, outputs)
+        checked.update(verify(graph, fmt, tmp, shapes, outputs))
         if check and not checked["ok"]:
             diffs = ", ".join(f"{k} {v:.3g}" for k, v in checked["max_abs_diff"].items())
             raise RunError(f"verification failed: the {fmt} export differs from PyTorch by {diffs} "
                            f"(tolerance {TOLERANCE:g}); {out} not written")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(out, write)  # the file appears only once written (and, with check, verified)
 
     def named(shape_of: Mapping[str, tuple[int, ...]]) -> dict[str, list[Any]]:
         return {k: ["B", *v] for k, v in shape_of.items()}

@@ -25,8 +25,9 @@ def current_umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename; if
+    ``write`` raises (e.g. a verification of what it wrote failed), ``path`` is left as it was.
 
     The file gets the mode any tool would give a new file (0666 less the umask), not mkstemp's
     0600. A write killed before the rename leaves ``.<name>.*.tmp``; training runs remove those
@@ -46,7 +47,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -54,7 +55,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
@@ -70,7 +71,7 @@ def atomic_save_npy(array: Any, path: str | os.PathLike) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
@@ -80,13 +81,13 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (the format from ``path``'s suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
