@@ -52,8 +52,8 @@ def probe_writable(folder: PathLike, key: str) -> None:
 
 def check_outputs(
     files: Mapping[str, Optional[PathLike]],
-    inputs: Mapping[str, Optional[PathLike]] = {},
-    folders: Mapping[str, Optional[PathLike]] = {},
+    inputs: Optional[Mapping[str, Optional[PathLike]]] = None,
+    folders: Optional[Mapping[str, Optional[PathLike]]] = None,
 ) -> None:
     """Refuse, before any work, output locations that would fail or destroy an input.
 
@@ -62,7 +62,7 @@ def check_outputs(
     folders: config key -> output folder (created when missing).
     Raises UserError naming the key and the path.
     """
-    ins = {k: Path(v) for k, v in inputs.items() if v}
+    ins = {k: Path(v) for k, v in (inputs or {}).items() if v}
     for key, value in files.items():
         if not value:
             continue
@@ -76,7 +76,7 @@ def check_outputs(
         if path.is_dir():
             raise UserError(f"{key}: {path} is a directory; give a file path")
         probe_writable(path.parent, key)
-    for key, value in folders.items():
+    for key, value in (folders or {}).items():
         if not value:
             continue
         path = Path(value)

@@ -104,10 +104,12 @@ class Checkpointer:
 
 def check_finite_state(model: torch.nn.Module, epoch: int) -> None:
     """RunError (on every rank) when a parameter or buffer of ``model`` is not finite."""
-    bad = next((name for name, t in model.state_dict().items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-    flag = dist.all_reduce_sum(torch.tensor([0.0 if bad is None else 1.0],
-                                            device=next(iter(model.state_dict().values())).device))
+    state = {k: t for k, t in model.state_dict().items() if t.is_floating_point()}
+    device = next(iter(state.values())).device
+    # one flag per tensor computed on the device, then a single host sync (not one per tensor)
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).cpu()
+    bad = next((name for name, ok in zip(state, finite.tolist()) if not ok), None)
+    flag = dist.all_reduce_sum(torch.tensor([0.0 if bad is None else 1.0], device=device))
     if flag.item() > 0:
         where = f"{bad} holds" if bad is not None else "another process's model holds"
         raise RunError(

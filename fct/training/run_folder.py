@@ -98,7 +98,7 @@ def open_run_folder(
     *,
     output_files: Mapping[str, Optional[PathLike]],
     inputs: Mapping[str, Optional[PathLike]],
-    output_folders: Mapping[str, Optional[PathLike]] = {},
+    output_folders: Optional[Mapping[str, Optional[PathLike]]] = None,
 ) -> RunFolder:
     """Check, lock and clean ``run_dir``, refuse a changed config, then write ``config.yaml``.
 
@@ -108,7 +108,7 @@ def open_run_folder(
     checkpoint = {"the run's checkpoint": run.checkpointer.path}
 
     def prepare() -> None:
-        check_outputs(output_files, {**inputs, **checkpoint}, {"output_dir": run_dir, **output_folders})
+        check_outputs(output_files, {**inputs, **checkpoint}, {"output_dir": run_dir, **(output_folders or {})})
         run.lock.acquire()
         try:
             remove_stale_temp_files(run_dir)
