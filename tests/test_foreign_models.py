@@ -16,7 +16,7 @@ from helpers import digits_backbone_config, one_error_line, run_script
 from fct.config import ArchParams, BackboneConfig, OptimizerParams, from_dict, load_config, to_dict
 from fct.errors import ConfigError, UserError
 from fct.io import file_sha256
-from fct.models import build_backbone, load_model_file, read_model_file, save_model_file
+from fct.models import build_backbone, expect_inputs, load_model_file, read_model_file, save_model_file
 from fct.models.backbones import backbone_arch_params
 from fct.optim import build_optimizer, set_lr
 
@@ -51,7 +51,7 @@ def timm_file(tmp_path):
 def test_timm_weights_from_safetensors_give_the_pooled_features(timm_file):
     src, path = timm_file
     model = build_backbone(**timm_params(path)).eval()
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(3, 3, 224, 224)  # the model's own size: the input adapter leaves it as it is
     with torch.no_grad():
         out = model(x)
         want = src.forward_head(src.forward_features(x), pre_logits=True)
@@ -60,7 +60,7 @@ def test_timm_weights_from_safetensors_give_the_pooled_features(timm_file):
     assert out.logits.shape == (3, 5) and model.classifier.bias is None  # fct's own classifier
     assert model.pretrained["dropped_classifier_keys"] == 2  # the file's fc.weight, fc.bias
     assert model.preprocessing == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 224}
-    assert model(torch.randn(2, 3, 8, 8)).embedding.shape == (2, 64)  # digits-sized inputs work
+    assert model(torch.randn(2, 3, 8, 8)).embedding.shape == (2, 64)  # digits-sized inputs work (resized)
 
 
 def test_torchvision_pth_with_key_map_and_its_errors(tmp_path):
@@ -75,7 +75,7 @@ def test_torchvision_pth_with_key_map_and_its_errors(tmp_path):
         build_backbone(**raw)
     with pytest.raises(UserError, match="key_map prefix 'model.' matches no key"):
         build_backbone(**raw, key_map={"model.": ""})
-    model = build_backbone(**raw, key_map={"module.": ""}).eval()
+    model = build_backbone(**raw, key_map={"module.": ""}, image_size=32).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         src.fc = torch.nn.Identity()
@@ -93,7 +93,7 @@ def test_torchvision_pth_with_key_map_and_its_errors(tmp_path):
 
 def test_positional_key_map_pairs_tensors_by_order(tmp_path):
     src = tiny_timm()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want = src.forward_head(src.forward_features(x), pre_logits=True)
     # Names unrelated to the network's, the layers in the same order, the classifier last.
@@ -123,9 +123,42 @@ def test_positional_key_map_pairs_tensors_by_order(tmp_path):
         build_backbone(**timm_params(path, key_map={"@positional": "", "t": "x"}))
 
 
+def test_input_adapter_resizes_and_renormalises(timm_file, tmp_path):
+    """Images normalised with a data set's mean/std at the data's size reach the trunk at the
+    model's image size, normalised the model's way: worked out here by hand from the raw pixels."""
+    src, path = timm_file
+    model = build_backbone(**timm_params(path, image_size=48, image_mean=[0.5, 0.4, 0.3],
+                                         image_std=[0.2, 0.25, 0.5])).eval()
+    data_mean, data_std = (0.1, 0.2, 0.3), (0.3, 0.3, 0.6)
+    raw = torch.rand(2, 3, 16, 16)  # pixels in [0, 1]
+    as_data = (raw - torch.tensor(data_mean).view(1, 3, 1, 1)) / torch.tensor(data_std).view(1, 3, 1, 1)
+    as_model = (raw - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    up = torch.nn.functional.interpolate(as_model, size=(48, 48), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        want = src.forward_head(src.forward_features(up), pre_logits=True)
+        assert expect_inputs(model, data_mean, data_std) == 1
+        torch.testing.assert_close(model(as_data).embedding, want, rtol=1e-4, atol=1e-5)
+        # Undeclared: the inputs are taken to be normalised the model's way (no conversion).
+        expect_inputs(model, None, None)
+        torch.testing.assert_close(model(as_model).embedding, want, rtol=1e-4, atol=1e-5)
+        # Larger inputs are shrunk with antialiasing; the model's own size passes untouched.
+        big = torch.randn(1, 3, 96, 96)
+        down = torch.nn.functional.interpolate(big, size=(48, 48), mode="bilinear", align_corners=False, antialias=True)
+        torch.testing.assert_close(model(big).embedding, src.forward_head(src.forward_features(down), pre_logits=True))
+    assert not any(k.startswith("in_") for k in model.state_dict())  # the data's statistics are never saved
+    # Model files: the preprocessing is rebuilt from arch_params, the data's statistics come from the loader.
+    out = tmp_path / "m.pt"
+    save_model_file(out, model, kind="backbone", arch_params=backbone_arch_params(model), meta={})
+    loaded = load_model_file(out, input_stats=(data_mean, data_std))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(as_data).embedding, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"image_std must be 3 numbers > 0"):
+        build_backbone(**timm_params(image_std=[0.2, 0.0, 0.1]))
+
+
 def test_embedding_layer_projection_and_frozen_tail(timm_file):
     src, path = timm_file
-    model = build_backbone(**timm_params(path, embedding_layer="layer3", embedding_dim=16)).eval()
+    model = build_backbone(**timm_params(path, embedding_layer="layer3", embedding_dim=16, image_size=32)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         f = src.layer3(src.layer2(src.layer1(src.maxpool(src.act1(src.bn1(src.conv1(x)))))))
@@ -266,7 +299,7 @@ def test_train_backbone_one_epoch_from_timm_weights(tmp_path, timm_file):
     text = cfg.read_text().replace(
         "arch_params: {arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}",
         f"arch_params: {{arch: timm/resnet18, num_classes: 10, embedding_dim: 16, pretrained_path: {path}, "
-        "arch_kwargs: {channels: [8, 16, 32, 64], stem_width: 8}}")
+        "image_size: 16, arch_kwargs: {channels: [8, 16, 32, 64], stem_width: 8}}")  # 8x8 digits upsampled
     text = text.replace("momentum: 0.9}", "momentum: 0.9, backbone_lr_mult: 0.1}")
     cfg.write_text(text)
     load_config(BackboneConfig, cfg)  # the config itself is valid

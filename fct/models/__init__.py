@@ -8,6 +8,7 @@ from fct.models.backbones import (
     backbone_arch_params,
     build_backbone,
 )
+from fct.models.foreign import expect_inputs
 from fct.models.model_file import (
     MODEL_KINDS,
     load_model_file,
@@ -32,6 +33,7 @@ __all__ = [
     "TransformedOldModel",
     "backbone_arch_params",
     "build_backbone",
+    "expect_inputs",
     "is_torchscript_file",
     "load_model_file",
     "model_num_params",

@@ -261,7 +261,8 @@ def build_backbone(arch: str, *, num_classes: int, embedding_dim: Optional[int] 
 
     ``pretrained_path`` (foreign backbones) is read only when ``load_weights``; a model file's
     builder passes False, its own state dict holds the weights. ``image_*`` override the
-    pretrained preprocessing the module reports in ``.preprocessing`` (nothing in forward uses it).
+    pretrained preprocessing the module reports in ``.preprocessing`` (its input adapter resizes and
+    renormalises to it).
     """
     _check_arch_args(arch, num_classes, embedding_dim, last_nonlin)
     if "/" not in arch:
@@ -284,9 +285,7 @@ def build_backbone(arch: str, *, num_classes: int, embedding_dim: Optional[int] 
     model = ForeignBackbone(arch, trunk, num_classes=num_classes, embedding_dim=embedding_dim,
                             last_nonlin=last_nonlin, embedding_layer=embedding_layer,
                             arch_kwargs=arch_kwargs or {})
-    for key, value in (("mean", image_mean), ("std", image_std), ("image_size", image_size)):
-        if value is not None:
-            model.preprocessing[key] = list(value) if key != "image_size" else int(value)
+    model.set_preprocessing(image_mean, image_std, image_size)
     if pretrained_path is not None and load_weights:
         from pathlib import Path
 

@@ -8,7 +8,7 @@ by prefix (``key_map``), or paired with the network's by position (``key_map: {"
 
 The module (:class:`ForeignBackbone`) is::
 
-    x -> trunk -> features (N, F) -> [projection: Linear F -> D, bias-free, then ReLU if last_nonlin]
+    x -> [input adapter] -> trunk -> features (N, F) -> [projection: Linear F -> D, bias-free, then ReLU if last_nonlin]
       -> embedding (N, D) -> classifier (Linear D -> num_classes, bias-free, fct's own)
 
 ``features`` is by default the input of the network's own classifier (timm's pooled pre-logits;
@@ -18,6 +18,14 @@ names another module instead: its output is globally average-pooled ((N, C, H, W
 (N, L, C) tokens over L), the forward stops there, and the modules after it are frozen (they never
 run, so they get no gradient and DDP needs no unused-parameter search).
 
+The input adapter makes any image batch of the data pipeline what the pretrained weights expect:
+batches of another height or width are resized (bilinear, antialiased when shrinking) to
+``preprocessing["image_size"]``, and batches normalised with a data set's mean/std (declared with
+:func:`expect_inputs`, which every script calls with its data set's statistics) are renormalised
+to the model's own ``preprocessing`` mean/std. Undeclared, inputs are taken to be normalised the
+model's way already (what exported models and foreign runtimes feed it). The data set's statistics
+are not saved: the model file stays independent of the data it is used on.
+
 Model files record only the builder name and its plain arguments (``arch_params``); building one
 imports timm or torchvision only when the file names it, and an unknown family or model name is
 refused before anything is built.
@@ -26,10 +34,11 @@ refused before anything is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fct.errors import ConfigError, UserError
 from fct.models.backbone_output import BackboneOutput
@@ -188,6 +197,11 @@ class ForeignBackbone(nn.Module):
         self.trunk = trunk.module
         self.head_prefixes = trunk.head_prefixes
         self.preprocessing = {"mean": list(trunk.mean), "std": list(trunk.std), "image_size": trunk.image_size}
+        # inputs' normalisation (None: the model's own); in_scale/in_shift map it to the model's
+        self.input_stats: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
+        self.register_buffer("in_scale", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", torch.zeros(1, 3, 1, 1), persistent=False)
+        self._renormalise = False
         self.num_classes = int(num_classes)
         self.last_nonlin = bool(last_nonlin)
         self.embedding_layer = embedding_layer
@@ -201,6 +215,47 @@ class ForeignBackbone(nn.Module):
         if self.embedding_dim != self.feature_dim:
             self.projection = nn.Linear(self.feature_dim, self.embedding_dim, bias=False)
         self.classifier = nn.Linear(self.embedding_dim, self.num_classes, bias=False)
+
+    def set_preprocessing(self, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                          image_size: Optional[int] = None) -> None:
+        """Override the pretrained preprocessing (what the weights expect); None keeps a value."""
+        for key, value in (("mean", mean), ("std", std)):
+            if value is not None:
+                if len(value) != 3 or (key == "std" and min(value) <= 0):
+                    raise ConfigError(f"arch_params.image_{key} must be 3 numbers{' > 0' if key == 'std' else ''}, "
+                                      f"got {list(value)}")
+                self.preprocessing[key] = [float(v) for v in value]
+        if image_size is not None:
+            self.preprocessing["image_size"] = int(image_size)
+        self.expect_inputs(*(self.input_stats or (None, None)))
+
+    def expect_inputs(self, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
+        """Declare how the images fed to ``forward`` are normalised, ``(x - mean) / std`` per channel
+        (a data set's statistics); None, None: the model's own ``preprocessing`` (no conversion)."""
+        own_mean = torch.tensor(self.preprocessing["mean"], dtype=torch.float64)
+        own_std = torch.tensor(self.preprocessing["std"], dtype=torch.float64)
+        if mean is None or std is None:
+            self.input_stats = None
+            in_mean, in_std = own_mean, own_std
+        else:
+            self.input_stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+            in_mean = torch.tensor(self.input_stats[0], dtype=torch.float64)
+            in_std = torch.tensor(self.input_stats[1], dtype=torch.float64)
+        # raw = x * in_std + in_mean; model input = (raw - own_mean) / own_std = x * scale + shift
+        scale, shift = in_std / own_std, (in_mean - own_mean) / own_std
+        self._renormalise = bool((scale - 1).abs().max() > 1e-7 or shift.abs().max() > 1e-7)
+        self.in_scale.copy_(scale.view(1, 3, 1, 1).to(self.in_scale))
+        self.in_shift.copy_(shift.view(1, 3, 1, 1).to(self.in_shift))
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize to the model's image size, renormalise to its mean/std (see the module doc)."""
+        size = int(self.preprocessing["image_size"])
+        if x.shape[-2:] != (size, size):
+            shrink = x.shape[-2] > size or x.shape[-1] > size
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        if self._renormalise:
+            x = torch.addcmul(self.in_shift.to(x.dtype), x, self.in_scale.to(x.dtype))
+        return x
 
     def _attach_layer(self, layer: str, image_size: int) -> int:
         """Hook ``layer``, freeze what runs after it, return its pooled width (one probe forward)."""
@@ -246,7 +301,7 @@ class ForeignBackbone(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, embedding_dim)."""
-        f = self._trunk_features(x)
+        f = self._trunk_features(self.adapt_input(x))
         if self.projection is not None:
             f = self.projection(f)
             if self.last_nonlin:
@@ -261,6 +316,15 @@ class ForeignBackbone(nn.Module):
     def trunk_parameters(self) -> Iterator[nn.Parameter]:
         """The pretrained part (``optimizer_params.backbone_lr_mult`` scales its learning rate)."""
         return self.trunk.parameters()
+
+
+def expect_inputs(model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> int:
+    """Declare the normalisation of the images fed to ``model`` (a data set's mean/std) to every
+    foreign backbone inside it (a transformed old model holds up to two); returns how many."""
+    found = [m for m in model.modules() if isinstance(m, ForeignBackbone)]
+    for m in found:
+        m.expect_inputs(mean, std)
+    return len(found)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -345,12 +345,16 @@ def probe_model(model: nn.Module, example_input: torch.Tensor, path: PathLike) -
 
 
 def load_model_file(path: PathLike, map_location: Device = "cpu",
-                    example_input: Optional[torch.Tensor] = None) -> nn.Module:
+                    example_input: Optional[torch.Tensor] = None,
+                    input_stats: Optional[tuple[Sequence[float], Sequence[float]]] = None) -> nn.Module:
     """Build the model an fct-model file describes (or wrap a TorchScript file); eval mode, on map_location.
 
     example_input: an image (C, H, W) or batch of the data the model will see. A TorchScript file
     (built outside fct, so nothing says what it takes) is then probed once with it
     (:func:`probe_model`); fct's own model files are self-describing and are not probed.
+    input_stats: (mean, std) the images fed to the model are normalised with (the data set's);
+    every timm / torchvision backbone in the file converts them to its own (see
+    :func:`fct.models.foreign.expect_inputs`); fct's own backbones are trained on them as they are.
     """
     path = Path(path)
     if not path.exists():
@@ -380,6 +384,10 @@ def load_model_file(path: PathLike, map_location: Device = "cpu",
         raise UserError(f"{path}: arch_params {arch_params} do not fit kind {kind!r} ({e})") from None
     what = f"kind {kind!r}" + (f" arch {arch_params['arch']!r}" if "arch" in arch_params else "")
     _load_state_checked(model, strip_wrapper_prefixes(data["state_dict"]), path, what)
+    if input_stats is not None:
+        from fct.models.foreign import expect_inputs
+
+        expect_inputs(model, *input_stats)
     return model.to(map_location).eval()
 
 

@@ -170,13 +170,15 @@ def transformed_embeddings(features_path: str, transformation_path: str, side_pa
 def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddings:
     """Embeddings of the evaluation split (all classes) under the model in ``model_path``.
     Collective under torchrun: every rank calls it and gets the full matrix."""
-    from fct.data import build_dataset
+    from fct.data import build_dataset, dataset_info
     from fct.models import load_model_file
     from fct.retrieval.features import extract_features, extract_features_and_uncertainty
 
     dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None)
     # a foreign (TorchScript) model is first tried on one batch of the data's images
-    model = load_model_file(model_path, map_location="cpu", example_input=dataset[0][0])
+    info = dataset_info(dp.name, dp.data_root)
+    model = load_model_file(model_path, map_location="cpu", example_input=dataset[0][0],
+                            input_stats=(info.mean, info.std))
     model = rt.prepare_model(model).eval()
     kw = dict(batch_size=max(1, dp.batch_size // dist.world_size()), num_workers=dp.num_workers,
               device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last,

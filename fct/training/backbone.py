@@ -27,7 +27,7 @@ from fct.data import build_dataset, dataset_info
 from fct.data.datasets import take_fraction
 from fct.errors import UserError
 from fct.io import file_sha256
-from fct.models import build_backbone, read_model_file, save_model_file, save_transformation, unwrap_model
+from fct.models import build_backbone, expect_inputs, read_model_file, save_model_file, save_transformation, unwrap_model
 from fct.runtime import Runtime, make_runtime, seed_everything
 from fct.ssl import ProjectionHead, SimCLRModel, build_two_view_dataset, evaluate_knn, simclr_loss_fn, two_view_collate
 from fct.training.checkpoint import Checkpointer
@@ -36,6 +36,7 @@ from fct.training.compat_losses import (
     BCTReference,
     LossMeter,
     PreviousVersions,
+    Stats,
     build_backward_map,
     build_bct_reference,
     compatible_step,
@@ -131,7 +132,7 @@ def _init_from(cfg: BackboneConfig, backbone: nn.Module, ckpt: Checkpointer) -> 
 
 
 def _bct_reference(cfg: BackboneConfig, backbone: nn.Module, mean_set: Any, num_classes: int, rt: Runtime,
-                   ckpt: Checkpointer) -> Optional[BCTReference]:
+                   ckpt: Checkpointer, input_stats: Stats) -> Optional[BCTReference]:
     """W_old' for ``cfg.bct_params``: built from the old model on a fresh run, taken from the
     checkpoint on a resume (so a resume needs neither the old model's forward nor its file)."""
     p = cfg.bct_params
@@ -145,19 +146,20 @@ def _bct_reference(cfg: BackboneConfig, backbone: nn.Module, mean_set: Any, num_
         rows, record = build_bct_reference(Path(p.old_model_path), p.influence_weight, backbone.embedding_dim,
                                            num_classes, mean_set, rt, batch_size=cfg.dataset_params.batch_size,
                                            num_workers=cfg.dataset_params.num_workers,
-                                           synthesised_rows=p.synthesised_rows)
+                                           synthesised_rows=p.synthesised_rows, input_stats=input_stats)
         if dist.is_main():
             print(f"BCT: {rows.shape[0]} old classifier rows ({len(record['synthesised_classes'])} "
                   f"synthesised) from {p.old_model_path}", flush=True)
     return BCTReference(rows.to(rt.device), p.influence_weight, record)
 
 
-def _previous_versions(cfg: BackboneConfig, probe: torch.Tensor, rt: Runtime) -> Optional[PreviousVersions]:
+def _previous_versions(cfg: BackboneConfig, probe: torch.Tensor, rt: Runtime,
+                       input_stats: Stats) -> Optional[PreviousVersions]:
     """The frozen older models and maps of ``cfg.backward_params`` (needed every step)."""
     p = cfg.backward_params
     if p is None:
         return None
-    return load_previous_versions(p.previous_model_paths, p.previous_map_paths, p.weight, probe, rt)
+    return load_previous_versions(p.previous_model_paths, p.previous_map_paths, p.weight, probe, rt, input_stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +204,8 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     with run:
         seed_everything(cfg.seed)
         backbone = build_backbone(**to_dict(cfg.arch_params))
+        stats = (info.mean, info.std)
+        expect_inputs(backbone, *stats)  # a timm / torchvision trunk converts them to its own
         model: nn.Module = backbone
         if ssl is not None:
             model = SimCLRModel(backbone, ProjectionHead(backbone.embedding_dim, ssl.projection_hidden_dim,
@@ -209,8 +213,8 @@ def train_backbone(cfg: BackboneConfig) -> dict:
         init_info = _init_from(cfg, backbone, run.checkpointer)
         mean_set = None if cfg.bct_params is None else train_split(
             build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes))
-        bct = _bct_reference(cfg, backbone, mean_set, k, rt, run.checkpointer)
-        previous = _previous_versions(cfg, val_set[0][0][None], rt)
+        bct = _bct_reference(cfg, backbone, mean_set, k, rt, run.checkpointer, stats)
+        previous = _previous_versions(cfg, val_set[0][0][None], rt, stats)
         if previous is not None:
             # B_k is trained with the backbone: one module, so one optimizer and one checkpoint hold both
             model = BackwardAlignedModel(backbone, build_backward_map(backbone.embedding_dim, previous.dims[0]))

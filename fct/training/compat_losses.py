@@ -37,6 +37,8 @@ from fct.training.loaders import eval_loader
 from fct.training.loop import StepFn
 from fct.transformations import Transformation, build_transformation
 
+Stats = tuple[Sequence[float], Sequence[float]]  # a data set's (mean, std) per channel
+
 # --------------------------------------------------------------------------------------------
 # The losses (pure functions)
 # --------------------------------------------------------------------------------------------
@@ -228,14 +230,15 @@ class BCTReference:
     record: dict[str, Any]
 
 
-def old_classifier_rows(path: Path, embedding_dim: int, probe: torch.Tensor) -> tuple[nn.Module, torch.Tensor, int]:
+def old_classifier_rows(path: Path, embedding_dim: int, probe: torch.Tensor,
+                        input_stats: Optional[Stats] = None) -> tuple[nn.Module, torch.Tensor, int]:
     """Load the BCT old model: (model (CPU, eval), its trained classifier rows (C_old, D), C_old).
 
     Rows: the first ``trained_classes`` (from the file's meta) of its classifier, else all rows.
     UserError: missing file, no classifier (or an untrained one), another embedding width."""
     if not path.is_file():
         raise UserError(f"bct_params.old_model_path: model file {path} does not exist")
-    old = load_model_file(path, example_input=probe)
+    old = load_model_file(path, example_input=probe, input_stats=input_stats)
     meta = _file_meta(path)
     classifier = getattr(old, "classifier", None)
     if not isinstance(classifier, nn.Linear):
@@ -277,12 +280,14 @@ def old_class_means(old: nn.Module, dataset: Any, classes: Sequence[int], dim: i
 
 def build_bct_reference(path: Path, weight: float, embedding_dim: int, num_classes: int, mean_set: Any,
                         rt: Runtime, *, batch_size: int, num_workers: int,
-                        synthesised_rows: str = "scaled") -> tuple[torch.Tensor, dict[str, Any]]:
+                        synthesised_rows: str = "scaled",
+                        input_stats: Optional[Stats] = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """W_old' (max(C_old, K), D) on the CPU and the record {old_model_path, old_sha256,
     influence_weight, old_trained_classes, synthesised_classes, synthesised_rows}; K = classes
     trained now. ``mean_set``: the training images, unaugmented, for the synthesised rows;
-    ``synthesised_rows``: "scaled" or "mean" (:func:`synthesised_rows`)."""
-    old, rows, c_old = old_classifier_rows(path, embedding_dim, mean_set[0][0][None])
+    ``synthesised_rows``: "scaled" or "mean" (:func:`synthesised_rows`); ``input_stats``: the data
+    set's (mean, std) (see :func:`fct.models.load_model_file`)."""
+    old, rows, c_old = old_classifier_rows(path, embedding_dim, mean_set[0][0][None], input_stats)
     new_classes = list(range(c_old, num_classes))
     if new_classes:
         old = _frozen(old, rt)
@@ -321,7 +326,7 @@ class PreviousVersions:
 
 
 def load_previous_versions(model_paths: Sequence[str], map_paths: Sequence[str], weight: float,
-                           probe: torch.Tensor, rt: Runtime) -> PreviousVersions:
+                           probe: torch.Tensor, rt: Runtime, input_stats: Optional[Stats] = None) -> PreviousVersions:
     """Load and check the older versions of ``backward_params`` (UserError names the key and file).
 
     Map i (B_{k-1-i}) must take model i's width to model i+1's width."""
@@ -335,7 +340,7 @@ def load_previous_versions(model_paths: Sequence[str], map_paths: Sequence[str],
         if not is_torchscript_file(p) and read_model_file(p)["kind"] == "transformation":
             raise UserError(f"backward_params.previous_model_paths[{i}]: {p} is a transformation (it maps "
                             "features), not a model of images")
-        m = load_model_file(p, example_input=probe)
+        m = load_model_file(p, example_input=probe, input_stats=input_stats)
         dims.append(_embedding_dim(m, probe))
         models.append(_frozen(m, rt))
     maps = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ import fct
 from fct import dist
 from fct.config.loader import to_dict
 from fct.config.transformation import ROLE_KEYS, TransformationConfig
-from fct.data import build_dataset
+from fct.data import build_dataset, dataset_info
 from fct.data.datasets import take_fraction
 from fct.errors import ConfigError, UserError
 from fct.models import load_model_file, save_transformation, save_transformed_old_model, unwrap_model
@@ -38,9 +38,12 @@ from fct.transformations.losses import transformation_loss
 Features = dict[str, torch.Tensor]  # 'old', 'new' and optionally 'side': (B, D) each
 
 
-def load_frozen(path: str, rt: Runtime, example_input: Optional[torch.Tensor] = None) -> nn.Module:
-    """A frozen model in eval mode; a foreign (TorchScript) model is first tried on ``example_input``."""
-    model = rt.prepare_model(load_model_file(path, map_location="cpu", example_input=example_input)).eval()
+def load_frozen(path: str, rt: Runtime, example_input: Optional[torch.Tensor] = None,
+                input_stats: Optional[tuple[Sequence[float], Sequence[float]]] = None) -> nn.Module:
+    """A frozen model in eval mode; a foreign (TorchScript) model is first tried on ``example_input``;
+    ``input_stats``: the data set's (mean, std), which timm / torchvision backbones convert from."""
+    model = rt.prepare_model(load_model_file(path, map_location="cpu", example_input=example_input,
+                                             input_stats=input_stats)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -231,10 +234,12 @@ def train_transformation(cfg: TransformationConfig) -> dict:
                                                 num_classes=dp.num_classes), dp.train_fraction, dp.train_fraction_seed)
         val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
         example = val_set[0][0]
-        models = {"old": load_frozen(cfg.old_model_path, rt, example),
-                  "new": load_frozen(cfg.new_model_path, rt, example)}
+        info = dataset_info(dp.name, dp.data_root)
+        stats = (info.mean, info.std)
+        models = {"old": load_frozen(cfg.old_model_path, rt, example, stats),
+                  "new": load_frozen(cfg.new_model_path, rt, example, stats)}
         if cfg.side_info_model_path:
-            models["side"] = load_frozen(cfg.side_info_model_path, rt, example)
+            models["side"] = load_frozen(cfg.side_info_model_path, rt, example, stats)
         new_classifier = _classifier(models["new"], cfg.new_model_path, cfg)
 
         def make_data() -> _Data:
