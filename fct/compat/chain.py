@@ -83,6 +83,7 @@ def check_chain_outputs(cfg: ChainConfig) -> None:
     inputs: dict[str, Optional[str]] = {}
     for i, v in enumerate(cfg.versions):
         inputs[f"versions[{i}].model_path"] = v.model_path
+        inputs[f"versions[{i}].features_path"] = v.features_path
         for j, e in enumerate(v.edges):
             inputs[f"versions[{i}].edges[{j}].path"] = e.path
     check_outputs(files={}, inputs=inputs, folders={"output_dir": cfg.output_dir, "registry_dir": cfg.registry_dir})
@@ -92,7 +93,7 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     """Compute the matrices of ``cfg``; writes ``matrix.json``, ``matrix.md``, one heat map per
     metric and the projections into ``cfg.output_dir``; returns the JSON dict."""
     from fct.compat.matrix import matrix_summary, plot_matrix
-    from fct.retrieval.embeddings import model_embeddings
+    from fct.retrieval.embeddings import load_feature_file, model_embeddings
     from fct.retrieval import retrieval_metrics
 
     check_chain_outputs(cfg)
@@ -101,7 +102,13 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     out = Path(cfg.output_dir)
     reg = build_registry(cfg)
     ids = [v.id for v in cfg.versions]
-    feats = {v.id: model_embeddings(v.model_path, cfg.dataset_params, rt) for v in cfg.versions}
+    feats = {v.id: load_feature_file(v.features_path) if v.features_path is not None
+             else model_embeddings(v.model_path, cfg.dataset_params, rt) for v in cfg.versions}
+    for v in cfg.versions:
+        dim = reg.get(v.id).dim
+        if v.features_path is not None and feats[v.id].features.shape[1] != dim:
+            raise UserError(f"version {v.id}: features_path {v.features_path} holds "
+                            f"{feats[v.id].features.shape[1]}-d embeddings, its model {v.model_path} gives {dim}-d")
 
     def score(q: torch.Tensor, g: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         return retrieval_metrics(q.to(rt.device), labels.to(rt.device), g.to(rt.device), labels.to(rt.device),
@@ -139,7 +146,8 @@ def evaluate_chain(cfg: ChainConfig, rt: Optional[Runtime] = None) -> dict[str, 
     reference: dict[str, Optional[dict[str, float]]] = {}
     for v in cfg.versions:
         if v.reference_model_path:
-            r = model_embeddings(v.reference_model_path, cfg.dataset_params, rt)
+            same = os.path.realpath(v.reference_model_path) == os.path.realpath(v.model_path)
+            r = feats[v.id] if same else model_embeddings(v.reference_model_path, cfg.dataset_params, rt)
             res = score(r.features, r.features, r.labels)
             reference[v.id] = {m: res[m] for m in METRICS}
     result: dict[str, Any] = {"versions": ids, "routes": routes, "config": to_dict(cfg),

@@ -34,6 +34,9 @@ class ChainVersion:
     edges: list[ChainEdge] = field(default_factory=list)  # maps joining it to older versions
     # a model of this version trained without any compatibility constraint: M*[i][i] of the update gain
     reference_model_path: Optional[str] = None
+    # stored embeddings of the evaluation split by model_path (python -m fct.embed), used instead of
+    # running the model; every version's file must hold the same images in the same order
+    features_path: Optional[str] = None
 
 
 @dataclass(frozen=True)

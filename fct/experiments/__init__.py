@@ -14,7 +14,7 @@ A new study (say, a real model update on one's own data) is one more module here
 function returning its ``Recipe``; import it below so the command line finds it."""
 
 # Each recipe module registers its recipes on import.
-from fct.experiments import chain, quickstart, regression, reproduce  # noqa: F401
+from fct.experiments import chain, quickstart, real_update, regression, reproduce  # noqa: F401
 from fct.experiments.recipe import RECIPES, Options, Recipe, run_recipe
 
 __all__ = ["RECIPES", "Options", "Recipe", "run_recipe"]

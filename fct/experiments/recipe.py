@@ -74,6 +74,14 @@ def tiny_imagenet_override(data_root: Optional[Path]) -> str:
     return f"dataset_params.data_root={root.resolve()}"
 
 
+def names_data(config: Path) -> bool:
+    """Whether a config file has a ``dataset_params`` section (the ``--data-root`` override points
+    it at the data; a config that reads only model or features files has none to point)."""
+    from fct.config import load_yaml
+
+    return "dataset_params" in load_yaml(config)
+
+
 def select(steps: Sequence[Step], only: Sequence[str]) -> list[Step]:
     """The steps named by ``only`` (names or shell patterns such as ``'eval-*'``), in recipe order;
     a name that matches no step is a UserError listing the valid ones."""
@@ -160,7 +168,7 @@ def plan(recipe: Recipe, opts: Options) -> Plan:
     for s in steps:
         before, after = step_sets(s, opts.sets, names)
         quick = list(recipe.quick.get(s.kind, ())) if opts.quick else []
-        sets = [*data_sets, *quick, *before, *s.overrides, *after]
+        sets = [*(data_sets if names_data(s.config) else []), *quick, *before, *s.overrides, *after]
         prepared[s.name] = STEP_KINDS.get(s.kind)(s.config, sets)
     return Plan(steps, prepared, data_sets[0].split("=", 1)[1] if data_sets else None)
 

@@ -3,8 +3,9 @@ transformation, evaluate a case, sweep a weight interpolation, score a compatibi
 
 Each kind is registered in ``STEP_KINDS`` as a function that loads and checks its config and hands
 back how to run it, so every config of a recipe is checked before its first step starts, and an
-unknown kind fails loudly (listing the valid ones). Steps hand each other model files: the ``.pt``
-paths of a config are what it reads, except those of fields named ``output_*``, which it writes."""
+unknown kind fails loudly (listing the valid ones). Steps hand each other model and features files:
+the ``.pt`` / ``.npz`` paths of a config are what it reads, except those of fields named ``output_*``,
+which it writes."""
 
 from __future__ import annotations
 
@@ -95,15 +96,44 @@ def compat(path: Path, sets: list[str]) -> Prepared:
     return Prepared(cfg, lambda cache: evaluate_chain(cfg))
 
 
+@STEP_KINDS.register("embed")
+def embedding(path: Path, sets: list[str]) -> Prepared:
+    """A features file of one split under one model (``python -m fct.embed``)."""
+    from fct.config import load_config
+    from fct.config.embed import EmbedConfig
+    from fct.embed import embed
+
+    cfg = load_config(EmbedConfig, path, sets)
+    return Prepared(cfg, lambda cache: embed(cfg))
+
+
+@STEP_KINDS.register("wrap")
+def wrapping(path: Path, sets: list[str]) -> Prepared:
+    """A pretrained timm / torchvision model as an fct model file (``python -m fct.models.wrap``):
+    the config's ``arch_params`` and ``output_model_path``."""
+    from fct.config import load_config
+    from fct.config.loader import to_dict
+    from fct.config.wrap import WrapConfig
+    from fct.models.wrap import wrap
+
+    cfg = load_config(WrapConfig, path, sets)
+
+    def run(cache: Cache) -> None:
+        wrap(to_dict(cfg.arch_params), cfg.output_model_path)
+
+    return Prepared(cfg, run)
+
+
 def model_files(config: Any) -> tuple[set[str], set[str]]:
-    """(read, written): the normalised ``.pt`` paths of a loaded config; written are those of
+    """(read, written): the normalised ``.pt`` / ``.npz`` paths of a loaded config (model and
+    features files); written are those of
     fields named ``output_*``, read every other one."""
     from fct.config.loader import to_dict
 
     read: set[str] = set()
     written: set[str] = set()
     for key, value in _strings(to_dict(config)):
-        if value.endswith(".pt"):
+        if value.endswith((".pt", ".npz")):
             (written if key.startswith("output_") else read).add(os.path.normpath(value))
     return read, written
 
