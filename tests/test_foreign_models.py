@@ -168,6 +168,17 @@ def test_embedding_layer_projection_and_frozen_tail(timm_file):
     torch.testing.assert_close(got, want)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith("trunk.layer4.") for n in frozen)
+    # The truncated trunk is an FX graph over the trunk's own modules: one copy of every parameter,
+    # the graph's mode follows the model's, and it exports (torch.export: the ONNX exporter's front end).
+    assert model._extractor is not None and set(model.state_dict()) == set(build_backbone(
+        **timm_params(path, embedding_dim=16, image_size=32)).state_dict())
+    model.train()
+    assert model._extractor.training
+    model.eval()
+    assert not model._extractor.training
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x).embedding, got)
     with pytest.raises(ConfigError, match="'layer9' is not a module of timm/resnet18.*layer4"):
         build_backbone(**timm_params(embedding_layer="layer9"))
 

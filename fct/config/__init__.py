@@ -8,6 +8,8 @@ classes by ``python -m fct.config.reference``):
 - ``eval.py``: :class:`EvalConfig` (fct/config/evaluation.py)
 - ``interpolate.py``: :class:`InterpolationConfig` (fct/config/interpolation.py)
 - ``compat.py``: :class:`ChainConfig` (fct/config/chain.py)
+- ``python -m fct.embed``: :class:`EmbedConfig` (fct/config/embed.py)
+- a recipe's ``wrap`` step: :class:`WrapConfig` (fct/config/wrap.py)
 
 Sections several kinds share are in fct/config/common.py, the two-view augmentation section in
 fct/config/augmentation.py; fct/config/loader.py turns YAML into these classes.

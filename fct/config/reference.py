@@ -31,9 +31,11 @@ import yaml
 
 from fct.config.backbone import BackboneConfig
 from fct.config.chain import ChainConfig
+from fct.config.embed import EmbedConfig
 from fct.config.evaluation import EvalConfig
 from fct.config.interpolation import InterpolationConfig
 from fct.config.transformation import TransformationConfig
+from fct.config.wrap import WrapConfig
 
 # Each entry script and the config class its --config file loads into, in the order of a workflow.
 ENTRY_POINTS: tuple[tuple[str, type], ...] = (
@@ -42,6 +44,8 @@ ENTRY_POINTS: tuple[tuple[str, type], ...] = (
     ("eval.py", EvalConfig),
     ("interpolate.py", InterpolationConfig),
     ("compat.py", ChainConfig),
+    ("python -m fct.embed", EmbedConfig),
+    ("python -m fct.experiments (a recipe's wrap step)", WrapConfig),
 )
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

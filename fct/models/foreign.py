@@ -16,7 +16,10 @@ torchvision's input of the last ``Linear`` of ``fc`` / ``classifier`` / ``heads`
 is removed; the weights of that classifier in a pretrained file are dropped. ``embedding_layer``
 names another module instead: its output is globally average-pooled ((N, C, H, W) over H, W;
 (N, L, C) tokens over L), the forward stops there, and the modules after it are frozen (they never
-run, so they get no gradient and DDP needs no unused-parameter search).
+run, so they get no gradient and DDP needs no unused-parameter search). The truncated network is an
+FX graph of the trunk that ends at that module (timm's or torchvision's feature extractor, sharing
+the trunk's modules), so it compiles and exports like any module; a network FX cannot trace falls
+back to stopping the eager forward from a hook there (not exportable).
 
 The input adapter makes any image batch of the data pipeline what the pretrained weights expect:
 batches of another height or width are resized (bilinear, antialiased when shrinking) to
@@ -164,6 +167,23 @@ def build_trunk(arch: str, arch_kwargs: Optional[Mapping[str, Any]]) -> Trunk:
 # --------------------------------------------------------------------------------------------
 
 
+def _truncated(arch: str, trunk: nn.Module, layer: str) -> Optional[nn.Module]:
+    """An FX graph of ``trunk`` returning ``{"embedding": output of layer}`` (the output of the
+    module's last operation), built by timm's feature extractor (which knows timm's untraceable
+    modules) or torchvision's; None when the network cannot be traced."""
+    try:
+        if arch.startswith("timm/"):
+            from timm.models import create_feature_extractor
+        else:
+            from torchvision.models.feature_extraction import create_feature_extractor
+        # traced in train and in eval mode (code that reads self.training differs): the graph
+        # follows the extractor's mode, which ForeignBackbone.train() sets
+        extractor = create_feature_extractor(trunk, return_nodes={layer: "embedding"})
+        return extractor.train(trunk.training)
+    except Exception:  # noqa: BLE001 - FX fails in many ways on dynamic code; the hook path remains
+        return None
+
+
 class _StopForward(Exception):
     """Raised by the embedding-layer hook: the rest of the network is not needed."""
 
@@ -206,6 +226,9 @@ class ForeignBackbone(nn.Module):
         self.last_nonlin = bool(last_nonlin)
         self.embedding_layer = embedding_layer
         self._captured: Optional[torch.Tensor] = None
+        # The trunk truncated at embedding_layer (an FX graph over the trunk's own modules); kept out
+        # of the module tree so that the state dict, DDP and optimisers see each parameter once.
+        self._extractor: Optional[nn.Module] = None
         self.pretrained: Optional[dict[str, Any]] = None  # what load_pretrained read, for the model file's meta
         self.feature_dim = trunk.feature_dim
         if embedding_layer is not None:
@@ -258,16 +281,19 @@ class ForeignBackbone(nn.Module):
         return x
 
     def _attach_layer(self, layer: str, image_size: int) -> int:
-        """Hook ``layer``, freeze what runs after it, return its pooled width (one probe forward)."""
+        """Truncate the trunk at ``layer``, freeze what runs after it, return its pooled width
+        (one probe forward)."""
         try:
             target = self.trunk.get_submodule(layer)
         except AttributeError:
             top = [n for n, _ in self.trunk.named_children()]
             raise ConfigError(f"arch_params.embedding_layer {layer!r} is not a module of {self.arch}; its top-level "
                               f"modules: {', '.join(top)} (dotted names reach deeper ones)") from None
+        object.__setattr__(self, "_extractor", _truncated(self.arch, self.trunk, layer))
         ran: set[int] = set()
         probes = [m.register_forward_pre_hook(lambda m, _i: ran.add(id(m))) for m in self.trunk.modules()]
-        target.register_forward_hook(self._capture)
+        if self._extractor is None:
+            target.register_forward_hook(self._capture)
         was_training = self.trunk.training
         self.trunk.eval()
         try:
@@ -287,9 +313,24 @@ class ForeignBackbone(nn.Module):
         self._captured = output
         raise _StopForward
 
+    def train(self, mode: bool = True) -> "ForeignBackbone":
+        super().train(mode)
+        if self._extractor is not None:
+            self._extractor.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Device / dtype moves also reach the extractor's own constants (its modules are the trunk's)."""
+        super()._apply(fn, recurse)
+        if self._extractor is not None:
+            self._extractor._apply(fn, recurse)
+        return self
+
     def _trunk_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding_layer is None:
             return self.trunk(x)
+        if self._extractor is not None:
+            return _pool(self._extractor(x)["embedding"], self.embedding_layer)
         try:
             self.trunk(x)
         except _StopForward:
