@@ -204,6 +204,17 @@ ROWS = [
     Row("wrap-missing-weights", "fct.models.wrap",
         lambda world, tmp: ["--arch", "torchvision/resnet18", "--pretrained-path", str(world / "nope.pth"),
                             "--out", str(tmp / "w.pt")], ("nope.pth",)),
+    # python -m fct.embed (stored embeddings)
+    Row("embed-missing-model", "fct.embed",
+        _eval("model_path: {world}/models/nope.pt\noutput_path: {tmp}/f.npz\n" + DIGITS), ("nope.pt does not exist",)),
+    Row("embed-output-not-npz", "fct.embed",
+        _eval("model_path: {world}/models/old.pt\noutput_path: {tmp}/f.npy\n" + DIGITS),
+        ("output_path must end in .npz",)),
+    Row("embed-output-under-a-file", "fct.embed",
+        _eval("model_path: {world}/models/old.pt\noutput_path: {world}/a_file/f.npz\n" + DIGITS),
+        ("output_path", "a_file")),
+    Row("embed-torchscript-that-is-no-image-model", "fct.embed",
+        _eval("model_path: {world}/models/unrelated.pt\noutput_path: {tmp}/f.npz\n" + DIGITS), ("unrelated.pt",)),
     # compat.py (compatibility matrix of a chain)
     Row("compat-output_dir-is-a-file", "compat",
         lambda world, tmp: _chain_config(world, tmp, output_dir=world / "a_file"), ("output_dir", "is a file")),
