@@ -26,7 +26,7 @@ from fct.runtime import make_runtime
 from fct.config import RuntimeParams
 
 
-def embed_config(tmp_path, model, split="val", out="f.npz", classes="6") -> EmbedConfig:
+def embed_config(tmp_path, model, split="val", out="f.npz", classes="6", extra="") -> EmbedConfig:
     path = tmp_path / "embed.yaml"
     path.write_text(textwrap.dedent(f"""\
         model_path: {model}
@@ -34,7 +34,7 @@ def embed_config(tmp_path, model, split="val", out="f.npz", classes="6") -> Embe
         output_path: {tmp_path / out}
         dataset_params: {{name: digits, num_workers: 0, batch_size: 100, train_fraction: 0.1, num_classes: {classes}}}
         runtime: {{progress: false}}
-        """))
+        """) + extra)
     return load_config(EmbedConfig, path)
 
 
@@ -84,8 +84,10 @@ def test_embed_writes_the_models_features_and_reruns_as_a_no_op(tmp_path):
 
 def test_embed_user_errors(tmp_path):
     models = write_backbones(tmp_path / "m")
-    with pytest.raises(ConfigError, match="output_path must end in .npz"):
+    with pytest.raises(ConfigError, match="output_path must be a .npz features file or a folder"):
         embed_config(tmp_path, models / "old.pt", out="f.npy")
+    with pytest.raises(ConfigError, match="shard_size must be >= 1"):
+        embed_config(tmp_path, models / "old.pt", out="shards", extra="shard_size: 0\n")
     cfg = tmp_path / "e.yaml"
     cfg.write_text(f"model_path: {tmp_path}/none.pt\noutput_path: {tmp_path}/f.npz\n"
                    "dataset_params: {name: digits, num_workers: 0}\n")
@@ -136,3 +138,58 @@ def test_model_files_are_the_same_bytes_every_time(tmp_path):
         atomic_torch_save(state, tmp_path / name)
         digests.add(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_sharded_output_equals_one_file_and_resumes_shard_by_shard(tmp_path):
+    models = write_backbones(tmp_path / "m")
+    one = embed_config(tmp_path, models / "old.pt", out="f.npz", classes="null")
+    embed(one)
+    sharded = embed_config(tmp_path, models / "old.pt", out="shards", classes="null", extra="shard_size: 100\n")
+    record = embed(sharded)
+    root = tmp_path / "shards"
+    assert sorted(p.name for p in root.glob("features-*.npy")) == [f"features-0000{k}.npy" for k in range(4)]
+    a, b = read_feature_file(str(tmp_path / "f.npz")), read_feature_file(str(root))
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["rows"] == record["rows"] == 359 and manifest["shards"] == 4 and manifest["dim"] == 16
+
+    # a kill during shard 2: its files half there, no marker, no manifest; the rerun redoes shard 2 only
+    (root / "manifest.json").unlink()
+    (root / "shard-00002.done").unlink()
+    (root / "features-00002.npy").write_bytes(b"partial")
+    kept = {k: (root / f"features-0000{k}.npy").stat().st_mtime_ns for k in (0, 1, 3)}
+    with pytest.raises(UserError, match="not a complete sharded features folder"):
+        read_feature_file(str(root))
+    record = embed(sharded)
+    assert {k: (root / f"features-0000{k}.npy").stat().st_mtime_ns for k in (0, 1, 3)} == kept
+    np.testing.assert_array_equal(read_feature_file(str(root)).features, a.features)
+    assert embed(sharded)["up_to_date"]
+
+    # the folder holds another model's embeddings: refused, never mixed
+    (root / "manifest.json").unlink()
+    other = embed_config(tmp_path, models / "new.pt", out="shards", classes="null", extra="shard_size: 100\n")
+    with pytest.raises(UserError, match="holds embeddings made otherwise"):
+        embed(other)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError, match="a folder with other files in it"):
+        embed(embed_config(tmp_path, models / "old.pt", out="busy", classes="null"))
+
+
+@pytest.mark.slow
+def test_sharded_embedding_under_torchrun_equals_one_process(tmp_path):
+    from helpers import free_port
+
+    models = write_backbones(tmp_path / "m")
+    embed(embed_config(tmp_path, models / "old.pt", out="f.npz", classes="null"))
+    cfg = tmp_path / "embed.yaml"  # written by embed_config: point it at a folder with small shards
+    cfg.write_text(cfg.read_text().replace(f"{tmp_path / 'f.npz'}", f"{tmp_path / 'dist'}") + "shard_size: 50\n")
+    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                   "-m", "fct.embed", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = read_feature_file(str(tmp_path / "f.npz")), read_feature_file(str(tmp_path / "dist"))
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(b.ids, a.ids)
+    assert len(list((tmp_path / "dist").glob("shard-*.done"))) == 8  # 359 rows in shards of 50

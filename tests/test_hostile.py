@@ -209,7 +209,7 @@ ROWS = [
         _eval("model_path: {world}/models/nope.pt\noutput_path: {tmp}/f.npz\n" + DIGITS), ("nope.pt does not exist",)),
     Row("embed-output-not-npz", "fct.embed",
         _eval("model_path: {world}/models/old.pt\noutput_path: {tmp}/f.npy\n" + DIGITS),
-        ("output_path must end in .npz",)),
+        ("output_path must be a .npz features file or a folder",)),
     Row("embed-output-under-a-file", "fct.embed",
         _eval("model_path: {world}/models/old.pt\noutput_path: {world}/a_file/f.npz\n" + DIGITS),
         ("output_path", "a_file")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,10 +18,17 @@ class EmbedConfig:
 
     model_path: str  # fct model file or TorchScript file; a transformed old model with a FastFill head also writes log_variance
     dataset_params: DatasetParams  # the images; batch_size is the global batch of the forward passes
-    output_path: str  # the .npz to write: features (N, D) float32, labels (N,), ids (N,) = row in the split, [log_variance]
+    # a .npz features file: features (N, D) float32, labels (N,), ids (N,), [log_variance]; or a folder
+    # (no .npz suffix): the same arrays in resumable shards of shard_size rows
+    output_path: str
     split: Literal["train", "val"] = "val"  # which split to embed (evaluation transforms, no augmentation)
+    shard_size: int = 100_000  # rows per shard of a folder output (the unit of resumption and of work per process)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # how the run executes
 
     def __post_init__(self) -> None:
-        if not self.output_path.endswith(".npz"):
-            raise ConfigError(f"output_path must end in .npz (a features file), got {self.output_path!r}")
+        suffix = os.path.splitext(self.output_path.rstrip("/"))[1]
+        if suffix not in ("", ".npz"):
+            raise ConfigError(f"output_path must be a .npz features file or a folder (no suffix) for shards, "
+                              f"got {self.output_path!r}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")

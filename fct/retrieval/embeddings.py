@@ -3,8 +3,10 @@ evaluation split, looked up by the config key of each side, and the leave-one-ou
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -40,9 +42,40 @@ class FeatureFile:
     log_variance: Optional[np.ndarray] = None  # (N,) or (N, S) float: a FastFill gallery's uncertainty
 
 
+MANIFEST = "manifest.json"  # marks a complete sharded features folder (python -m fct.embed)
+
+
+def shard_file(folder: Path, name: str, k: int) -> Path:
+    return folder / f"{name}-{k:05d}.npy"
+
+
+def read_sharded(folder: str) -> dict[str, np.ndarray]:
+    """The arrays of a complete sharded output, shards concatenated in order: ``features``,
+    ``labels``, ``ids`` and ``log_variance`` when present. UserError on an incomplete folder."""
+    root = Path(folder)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{folder} is not a complete sharded features folder (no {MANIFEST}: an embedding run "
+                        "that has not finished; rerun it to complete the folder)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        names = manifest["arrays"]
+        out = {n: np.concatenate([np.load(shard_file(root, n, k), mmap_mode="r", allow_pickle=False)
+                                  for k in range(manifest["shards"])]) for n in names}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder}: a shard is missing or damaged ({type(e).__name__}: {e}); delete the folder "
+                        "and embed again") from None
+    if len(out["features"]) != manifest["rows"]:
+        raise UserError(f"{folder}: {len(out['features'])} rows in the shards, {manifest['rows']} in {MANIFEST}")
+    return out
+
+
 def read_feature_file(path: str) -> FeatureFile:
     """An ``.npz`` with ``features`` float (N, D) and ``labels`` int (N,); optionally ``ids``
-    (N,) int or str and ``log_variance`` float (N,) or (N, S). A malformed file is a UserError."""
+    (N,) int or str and ``log_variance`` float (N,) or (N, S); or a folder of shards written by
+    ``python -m fct.embed`` holding the same arrays. A malformed file is a UserError."""
+    if os.path.isdir(path):
+        return _checked(path, read_sharded(path))
     if not os.path.isfile(path):
         raise UserError(f"features file not found: {path}")
     try:
@@ -55,6 +88,10 @@ def read_feature_file(path: str) -> FeatureFile:
         raise
     except Exception as e:  # noqa: BLE001 - zip/format errors of any kind
         raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    return _checked(path, arrays)
+
+
+def _checked(path: str, arrays: dict[str, np.ndarray]) -> FeatureFile:
     feats, labels = arrays["features"], arrays["labels"]
     if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
         raise UserError(f"{path}: 'features' must be a float array (N, D), got {feats.dtype} {feats.shape}")

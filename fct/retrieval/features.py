@@ -60,17 +60,20 @@ def extract_features(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: bool = True,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every item of ``dataset`` (items: (image, label)).
 
     Returns features float32 (N, D) and labels int64 (N,), on the CPU, in dataset order, on
     every rank. The model runs in eval mode under ``torch.inference_mode`` (its previous
-    mode is restored), with autocast to ``amp_dtype`` on CUDA when given.
+    mode is restored), with autocast to ``amp_dtype`` on CUDA when given. ``gather=False``: this
+    process embeds all of ``dataset`` alone (no sharding over processes, no collective): for a
+    caller that hands each process its own slice.
     """
     feats, labels, _ = _extract(
         model, lambda m, x: (_embedding(m(x)), None), dataset, batch_size=batch_size,
         num_workers=num_workers, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
-        progress=progress,
+        progress=progress, gather=gather,
     )
     return feats, labels
 
@@ -85,6 +88,7 @@ def extract_features_and_uncertainty(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: bool = True,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`extract_features` for a model with ``embed_with_uncertainty(x) -> (feature,
     log_variance)`` (a transformed old model with a FastFill head); also returns the
@@ -101,7 +105,7 @@ def extract_features_and_uncertainty(
 
     feats, labels, lv = _extract(
         model, fn, dataset, batch_size=batch_size, num_workers=num_workers, device=device,
-        amp_dtype=amp_dtype, channels_last=channels_last, progress=progress,
+        amp_dtype=amp_dtype, channels_last=channels_last, progress=progress, gather=gather,
     )
     assert lv is not None
     return feats, labels, lv
@@ -118,8 +122,10 @@ def _extract(
     amp_dtype: torch.dtype | None,
     channels_last: bool,
     progress: bool,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The shared loop: fn(model, images) -> (features (B, D), extra (B, E) or None)."""
+    shared = gather and dist.is_dist()
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
@@ -128,7 +134,7 @@ def _extract(
         model = model.module  # its forward would sync buffers: pointless for inference
     indexed = _WithIndex(dataset)
     sampler = (
-        DistributedSampler(indexed, shuffle=False, drop_last=False) if dist.is_dist() else None
+        DistributedSampler(indexed, shuffle=False, drop_last=False) if shared else None
     )
     loader = DataLoader(
         indexed,
@@ -169,7 +175,7 @@ def _extract(
         f = torch.cat([f, torch.cat(extras)], dim=1)  # travel together through the gather
     y = torch.cat(labels).to(f.device)
     i = torch.cat(indices).to(f.device)
-    if dist.is_dist():
+    if shared:
         # Gather on the features' device (NCCL needs CUDA tensors), then dedupe by index.
         f, y, i = (dist.all_gather_variable(t) for t in (f, y, i))
     f, y = _place_by_index(f.cpu(), y.cpu(), i.cpu(), n)
