@@ -25,7 +25,8 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a UserError (or an OSError naming a file) prints one line and returns 2, a
-    RunError returns 1, Ctrl-C returns 130."""
+    RunError (or a collective that failed because another rank or node is gone,
+    ``fct.dist.peer_failure``) returns 1, Ctrl-C returns 130."""
     from fct import dist
 
     try:
@@ -44,6 +45,13 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only a collective failed by a lost peer is turned into a line
+        lost = dist.peer_failure(e)
+        if lost is None:
+            raise
+        # Printed by every surviving rank: each may be the only one whose log the user reads.
+        print(f"error: {lost}", file=sys.stderr, flush=True)
+        return lost.exit_code
     finally:
         dist.shutdown()
     return 0

@@ -11,7 +11,7 @@ import numpy as np
 from fct import dist
 from fct.config import EvalConfig
 from fct.config.loader import to_dict
-from fct.errors import UserError
+from fct.errors import ConfigError, UserError
 from fct.io import atomic_save_npy, atomic_write_json
 from fct.outputs import check_outputs
 from fct.regression.flips import flip_report, flips_path
@@ -89,7 +89,10 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
     An undefined metric (mAP when no query has a positive) is None, never NaN. The metrics, the
     per-class results and the flips all come from one exact ranking pass over the queries."""
     check_eval_outputs(cfg, config_path)
-    KNN_BACKENDS.get(cfg.eval_params.knn_backend)  # an unknown name fails before any feature is computed
+    try:  # an unknown name fails before any feature is computed
+        KNN_BACKENDS.get(cfg.eval_params.knn_backend)
+    except ConfigError as e:
+        raise ConfigError(f"eval_params.knn_backend: {e}") from None
     if cfg.eval_params.backfilling is not None:
         check_orderings(_ordering_names(cfg))
     rt = rt or make_runtime(cfg.runtime)
@@ -122,7 +125,7 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
                              progress=rt.params.progress and ep.verbose)
     metrics = retrieval_metrics(qf, ql, gf, gl, metric=ep.distance_metric, exclude_self=loo, topk=tuple(ep.topk),
                                 compute_map=ep.compute_map, knn_backend=ep.knn_backend, chunk_size=ep.chunk_size,
-                                ranks=ranks)
+                                ranks=ranks, ann=ep.ann)
     result = {**metrics, **result}
     if ranks is not None and _has_reference(cfg):
         result["flips"] = flip_report(cfg, rt, cache, q, ranks)
@@ -141,11 +144,28 @@ def evaluate(cfg: EvalConfig, rt: Optional[Runtime] = None,
 
 
 def _print_results(cfg: EvalConfig, result: dict) -> None:
-    """The case's metrics as a one-row table on the console."""
+    """The case's metrics as a one-row table on the console; with an approximate k-NN backend,
+    its recall@k beside them and a line on the index."""
     ep, case = cfg.eval_params, result["case"]
     cols = [f"top{k}" for k in ep.topk] + (["mAP"] if ep.compute_map else [])
-    print(format_table(["query", "gallery"] + cols,
-                       [[Path(case["query"]).name, Path(case["gallery"]).name] + [result.get(c) for c in cols]]))
+    headers = ["query", "gallery"] + cols
+    row = [Path(case["query"]).name, Path(case["gallery"]).name] + [result.get(c) for c in cols]
+    ann = result.get("ann")
+    if ann is not None:
+        recall = ann["recall_at_k"] or {}
+        headers += [f"recall@{k}" for k in ep.topk]
+        row += [f"{recall[str(k)]:.3f}" if str(k) in recall else None for k in ep.topk]
+    print(format_table(headers, [row]))
+    if ann is not None:
+        params = ", ".join(f"{k} {v}" for k, v in ann["params"].items())
+        sampled = (f"recall against exact search on {ann['queries_sampled']} sampled queries "
+                   f"({ann['recall_s']:.2f} s)" if ann["recall_at_k"] is not None
+                   else "no recall check (eval_params.ann.recall_queries: 0)")
+        print(f"approximate k-NN {ann['backend']} on {ann['device']} ({params}): build {ann['build_s']:.2f} s, "
+              f"search {ann['search_s']:.2f} s; {sampled}")
+        if ann["incomplete_lists"]:
+            print(f"{ann['incomplete_lists']} queries got fewer than {max(ep.topk)} neighbours from the index "
+                  "(missing ones count as misses; with IVF, raise eval_params.ann.nprobe)")
     if ep.compute_map and result.get("mAP") is None:
         print(f"mAP n/a: none of the {result.get('num_queries')} queries has a positive "
               "in the gallery")

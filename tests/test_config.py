@@ -87,7 +87,10 @@ def test_repo_configs_all_load(repo):
     from fct.config.interpolation import InterpolationConfig
     from fct.config.transformation import TransformationConfig
 
-    kinds = [("matrix", ChainConfig), ("transformation", TransformationConfig), ("posthoc", TransformationConfig),
+    from fct.config.embed import EmbedConfig
+    from fct.config.wrap import WrapConfig
+
+    kinds = [("embed", EmbedConfig), ("wrap_", WrapConfig), ("matrix", ChainConfig), ("transformation", TransformationConfig), ("posthoc", TransformationConfig),
              ("chain_fct_h", TransformationConfig),
              ("interpolate", InterpolationConfig), ("eval", EvalConfig)]
     for path in sorted((repo / "configs").rglob("*.yaml")):

@@ -238,7 +238,7 @@ def test_unknown_step_kind_fails_loudly():
     cfg = REPO / "configs" / "quickstart" / "digits_backbone_old.yaml"
     steps = [Step("backbone", "old", cfg), Step("trian", "h", cfg)]
     recipe = Recipe("test", Path("runs/test"), lambda quick: steps, lambda results: Digest({}, ""))
-    with pytest.raises(ConfigError, match=r"unknown step kind 'trian'.*valid: backbone, compat, eval"):
+    with pytest.raises(ConfigError, match=r"unknown step kind 'trian'.*valid: backbone, compat, embed, eval"):
         plan(recipe, Options())
 
 

@@ -9,6 +9,57 @@ from typing import ClassVar, Literal, Optional, Union
 from fct.config.common import DatasetParams, RuntimeParams
 from fct.errors import ConfigError
 
+# k-NN backends that search an approximate index (fct/retrieval/ann.py): they give CMC top-k and
+# recall@k against exact search, never mAP (its exact pass over the whole gallery is what they avoid)
+APPROXIMATE_KNN_BACKENDS = ("faiss_ivf_flat", "faiss_ivf_pq", "faiss_hnsw")
+
+
+@dataclass(frozen=True)
+class AnnParams:
+    """Extension: the approximate FAISS index of ``knn_backend`` faiss_ivf_flat, faiss_ivf_pq or
+    faiss_hnsw (``eval_params.ann``); each backend reads only its own keys, the results' ``ann``
+    block lists the values it used. Recall@k is measured against the exact search on a seeded
+    sample of the queries."""
+
+    # IVF: inverted lists (k-means cells); null: 4 * sqrt(N) for a gallery of N, at most N / 39
+    # (faiss wants 39 training vectors per cell)
+    nlist: Optional[int] = None
+    # IVF: cells searched per query (more: higher recall, slower); at most nlist (with nlist null,
+    # capped at the derived nlist)
+    nprobe: int = 16
+    # IVF: gallery vectors the k-means (and PQ) training sees, a seeded sample; null: min(N, 64 * nlist)
+    train_size: Optional[int] = None
+    # IVF-PQ: sub-quantizers per vector (bytes per code at 8 bits); must divide the embedding width;
+    # null: the largest divisor of the width that is at most width / 4
+    pq_m: Optional[int] = None
+    pq_bits: int = 8  # IVF-PQ: bits per sub-quantizer code (1-16); training needs 2**pq_bits vectors
+    hnsw_m: int = 32  # HNSW: links per node (memory grows by about 8 * hnsw_m bytes per vector)
+    ef_construction: int = 40  # HNSW: candidate list while building (larger: better graph, slower build)
+    ef_search: int = 128  # HNSW: candidate list while searching (faiss uses at least k)
+    # queries sampled (seeded) for recall@k against the exact search; 0: no recall check
+    recall_queries: int = 1000
+    seed: int = 0  # the recall sample, the training sample and faiss's k-means
+
+    def __post_init__(self) -> None:
+        positive = {"nprobe": self.nprobe, "pq_bits": self.pq_bits, "ef_construction": self.ef_construction,
+                    "ef_search": self.ef_search, "nlist": self.nlist, "train_size": self.train_size,
+                    "pq_m": self.pq_m}
+        for key, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"eval_params.ann.{key} must be >= 1, got {value}")
+        if self.nlist is not None and self.nprobe > self.nlist:
+            raise ConfigError(f"eval_params.ann.nprobe={self.nprobe} exceeds eval_params.ann.nlist={self.nlist}: "
+                              "a query cannot search more cells than there are")
+        if self.pq_bits > 16:
+            raise ConfigError(f"eval_params.ann.pq_bits must be at most 16, got {self.pq_bits}")
+        if self.hnsw_m < 2:
+            raise ConfigError(f"eval_params.ann.hnsw_m must be >= 2, got {self.hnsw_m}")
+        if self.recall_queries < 0:
+            raise ConfigError(f"eval_params.ann.recall_queries must be >= 0 (0: no recall check), "
+                              f"got {self.recall_queries}")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"eval_params.ann.seed must be in [0, 2**31), got {self.seed}")
+
 
 @dataclass(frozen=True)
 class EvalParams:
@@ -22,7 +73,9 @@ class EvalParams:
     compute_map: bool = True  # also compute mAP (besides the CMC top-k)
     per_class: bool = False  # per-class CMC top-1/top-5 in the results
     topk: list[int] = field(default_factory=lambda: [1, 5])  # extension
-    knn_backend: str = "torch"  # extension: torch (exact, chunked) | faiss
+    # extension: torch (exact, chunked) | faiss (exact, flat index) | faiss_ivf_flat | faiss_ivf_pq |
+    # faiss_hnsw (approximate: CMC top-k and recall@k only, so they need compute_map false)
+    knn_backend: str = "torch"
     chunk_size: Optional[int] = None  # extension: queries per chunk; None: from a memory budget
     # extension: 'auto' = leave-one-out when both sides are the same images (two models on the
     # evaluation split, or one features file on both sides)
@@ -34,8 +87,21 @@ class EvalParams:
     backfilling_result_path: Optional[str] = None  # the reference's .npy of the curves; None: not written
     backfilling_random_seeds: int = 5  # extension: permutations the random order is averaged over
     backfilling_plot_path: Optional[str] = None  # extension: default beside the results
+    # extension: the index of an approximate knn_backend; null: its defaults (given with another
+    # backend it is refused)
+    ann: Optional[AnnParams] = None
 
     def __post_init__(self) -> None:
+        if self.knn_backend in APPROXIMATE_KNN_BACKENDS and self.compute_map:
+            # Full mAP ranks every gallery item for every query: the exact pass the index avoids.
+            raise ConfigError(
+                f"eval_params.compute_map needs the exact pass over the whole gallery, which "
+                f"knn_backend {self.knn_backend!r} is meant to avoid: set eval_params.compute_map: false "
+                "(CMC top-k and recall@k come from the index), or use knn_backend torch or faiss (exact)"
+            )
+        if self.ann is not None and self.knn_backend not in APPROXIMATE_KNN_BACKENDS:
+            raise ConfigError(f"eval_params.ann applies to the approximate backends "
+                              f"({', '.join(APPROXIMATE_KNN_BACKENDS)}), not to knn_backend {self.knn_backend!r}")
         if not self.topk or any(k < 1 for k in self.topk):
             raise ConfigError(f"eval_params.topk must be a non-empty list of positive ints, got {self.topk}")
         if self.backfilling is not None and self.backfilling < 0:

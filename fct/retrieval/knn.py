@@ -1,4 +1,5 @@
-"""Exact k-nearest-neighbour search: a chunked torch backend and a FAISS backend.
+"""Exact k-nearest-neighbour search: a chunked torch backend and a FAISS backend. The approximate
+FAISS backends (IVF-Flat, IVF-PQ, HNSW) join the same registry from ``fct.retrieval.ann``.
 
 Every backend in ``KNN_BACKENDS`` has the signature
 
@@ -13,13 +14,15 @@ Nq == Ng) means query i never returns gallery item i.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fct.errors import UserError
+from fct.config.evaluation import APPROXIMATE_KNN_BACKENDS
+from fct.errors import ConfigError, UserError
 from fct.registry import Registry
 
 METRICS = ("l2", "cosine")
@@ -32,7 +35,26 @@ CPU_CHUNK_BYTES = 256 * 2**20
 CUDA_CHUNK_BYTES = 2 * 2**30
 
 KnnFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-KNN_BACKENDS: Registry[KnnFn] = Registry("k-NN backend")
+
+
+class KnnRegistry(Registry[KnnFn]):
+    """The k-NN backends; an unknown name lists the exact backends apart from the approximate
+    ones (which give no mAP), so the choice is clear from the message alone."""
+
+    def get(self, name: str) -> KnnFn:
+        if name in self:
+            return super().get(name)
+        close = difflib.get_close_matches(name, self.names(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        exact = [n for n in self.names() if n not in APPROXIMATE_KNN_BACKENDS]
+        approximate = [n for n in self.names() if n in APPROXIMATE_KNN_BACKENDS]
+        groups = f"{', '.join(exact)} (exact)"
+        if approximate:
+            groups += f"; {', '.join(approximate)} (approximate)"
+        raise ConfigError(f"unknown {self.kind} {name!r}{hint}; valid: {groups}")
+
+
+KNN_BACKENDS = KnnRegistry("k-NN backend")
 
 
 def as_float_tensor(x: Any, name: str) -> torch.Tensor:
@@ -167,12 +189,13 @@ def _knn_chunks(
         indices[s:e] = i
 
 
-def _import_faiss() -> Any:
+def import_faiss(backend: str = "faiss") -> Any:
+    """The faiss module; a UserError naming ``backend`` when it is not installed."""
     try:
         import faiss  # imported lazily: an optional dependency
     except ImportError:
         raise UserError(
-            "k-NN backend 'faiss' needs the faiss package (pip install faiss-cpu, or faiss-gpu); "
+            f"k-NN backend {backend!r} needs the faiss package (pip install faiss-cpu, or faiss-gpu); "
             "or use the exact 'torch' backend"
         ) from None
     return faiss
@@ -192,7 +215,7 @@ def knn_faiss(
     Same contract as ``knn_torch``; results come back on the query's device. ``chunk_size``
     is accepted for a common signature; FAISS does its own blocking.
     """
-    faiss = _import_faiss()
+    faiss = import_faiss()
     q = as_float_tensor(query, "query")
     g = as_float_tensor(gallery, "gallery")
     check_pair(q, g, metric, exclude_self)
@@ -209,16 +232,17 @@ def knn_faiss(
     kk = k + int(exclude_self)
     values, indices = index.search(qn, kk)
     if exclude_self:
-        values, indices = _drop_self(values, indices, k)
+        values, indices = drop_self(values, indices, k)
     return (
         torch.from_numpy(np.ascontiguousarray(values)).to(device),
         torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(device),
     )
 
 
-def _drop_self(values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def drop_self(values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """From (Nq, k+1) neighbour lists, remove each query's own index (or the last entry when
-    an exact duplicate pushed the query out of its own list) -> (Nq, k)."""
+    an exact duplicate pushed the query out of its own list, or an approximate index did not
+    find it) -> (Nq, k)."""
     nq = indices.shape[0]
     drop = indices == np.arange(nq)[:, None]  # FAISS lists an index at most once per row
     drop[~drop.any(axis=1), -1] = True
