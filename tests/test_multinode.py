@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -185,25 +184,11 @@ def groupnorm_config(folder: Path) -> Path:
     GroupNorm(1 group) instead of BatchNorm, at the data's 8x8 (no resize), so every sample's
     gradient is independent of the batch it shares a process with."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(f"""\
-        arch_params:
-          arch: timm/resnet18
-          num_classes: 10
-          embedding_dim: 16
-          image_size: 8
-          arch_kwargs: {{channels: [8, 16, 32, 64], stem_width: 8, norm_layer: groupnorm1}}
-        optimizer_params: {{algorithm: sgd, lr: 0.1, weight_decay: 0.0005, momentum: 0.9}}
-        dataset_params: {{name: digits, num_classes: 5, num_workers: 0, batch_size: 64}}
-        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 1}}
-        epochs: 2
-        label_smoothing: 0.1
-        seed: 3
-        output_model_path: {folder}/model.pt
-        output_dir: {folder}/run
-        runtime: {{progress: false, tensorboard: false}}
-        """)
-    p = folder / "backbone.yaml"
-    p.write_text(text)
+    p = digits_backbone_config(folder)
+    p.write_text(p.read_text().replace(
+        "arch_params: {arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}",
+        "arch_params: {arch: timm/resnet18, num_classes: 10, embedding_dim: 16, image_size: 8, "
+        "arch_kwargs: {channels: [8, 16, 32, 64], stem_width: 8, norm_layer: groupnorm1}}"))
     return p
 
 
