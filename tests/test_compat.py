@@ -514,3 +514,100 @@ def test_values_beyond_float32_count_as_infinite(chain, tmp_path, capsys):
 def test_infinite_reference_is_refused():
     with pytest.raises(UserError, match="reference_new_new for version v2 is inf"):
         matrix_summary(M, ["v1", "v2", "v3"], "top1", reference_new_new={"v2": float("inf")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion split over processes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_remaining_rows_are_cut_into_one_piece_per_process():
+    from fct.compat.convert import merge_intervals, share_of_remaining
+
+    assert merge_intervals([[5, 8], [0, 2], [2, 3], [7, 9], [4, 4]]) == [(0, 3), (5, 9)]
+    # nothing done: 10 rows over 3 processes -> 3, 3, 4 rows
+    assert [share_of_remaining([], 10, r, 3) for r in range(3)] == [[(0, 3)], [(3, 6)], [(6, 10)]]
+    # rows 2-5 done: the 6 left (0, 1, 6, 7, 8, 9) cut in 2 -> 0, 1, 6 | 7, 8, 9
+    assert [share_of_remaining([(2, 6)], 10, r, 2) for r in range(2)] == [[(0, 2), (6, 7)], [(7, 10)]]
+    # more processes than rows left: some get nothing
+    assert [share_of_remaining([(0, 9)], 10, r, 3) for r in range(3)] == [[], [], [(9, 10)]]
+    assert share_of_remaining([(0, 10)], 10, 0, 1) == []
+
+
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    """Make fct.dist report process ``rank`` of ``world`` (without a process group, the collectives
+    stay no-ops): the state a torchrun job leaves behind, made in one process."""
+    from fct import dist
+
+    monkeypatch.setattr(dist, "rank", lambda: rank)
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+
+
+def test_a_two_process_conversion_cut_short_resumes_in_one_process(chain, tmp_path, monkeypatch):
+    reg, maps = chain
+    x = np.random.default_rng(4).standard_normal((23, 4)).astype(np.float32)
+    np.save(tmp_path / "v1.npy", x)
+    out_path = tmp_path / "v3.npy"
+    real_compose = VersionRegistry.compose
+    # rank 0 of 2 (rows 0-10) is stopped at its third chunk of 4: rows 0-7 done
+    _as_rank(monkeypatch, 0, 2)
+    _interrupt_third_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=4, progress=False)
+    saved = json.loads((tmp_path / ".v3.npy.progress.rank0.json").read_text())
+    assert saved["done"] == [[0, 8]] and not (tmp_path / ".v3.npy.progress.json").exists()
+    monkeypatch.undo()
+
+    seen = []
+
+    def recording(self, edges, device="cpu"):
+        fn = real_compose(self, edges, device)
+        return lambda t: (seen.append(t.clone()), fn(t))[1]
+
+    monkeypatch.setattr(VersionRegistry, "compose", recording)
+    summary = convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=4, progress=False)
+    assert summary["resumed_from_row"] == 8 and summary["rows_here"] == 15
+    torch.testing.assert_close(torch.cat(seen), torch.from_numpy(x[8:]))  # only the rows no run finished
+    np.testing.assert_allclose(np.load(out_path), _expected(maps, x), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".v3")) == []
+
+
+def test_a_process_that_finishes_alone_does_not_pack_a_partial_output(chain, tmp_path, monkeypatch):
+    reg, maps = chain
+    x = np.random.default_rng(5).standard_normal((23, 4)).astype(np.float32)
+    np.save(tmp_path / "v1.npy", x)
+    _as_rank(monkeypatch, 0, 2)  # rank 0 converts rows 0-10; rank 1 never ran
+    with pytest.raises(UserError, match="converted 11 of 23 rows; rerun to finish"):
+        convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", tmp_path / "v3.npz", chunk_rows=4, progress=False)
+    assert not (tmp_path / "v3.npz").exists()
+    _as_rank(monkeypatch, 0, 3)  # a rerun with three processes: rank 0 takes rows 11-14 of the 12 left
+    with pytest.raises(UserError, match="converted 15 of 23 rows"):
+        convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", tmp_path / "v3.npz", chunk_rows=4, progress=False)
+    monkeypatch.undo()
+    summary = convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", tmp_path / "v3.npz", chunk_rows=4,
+                                 progress=False)
+    assert summary["resumed_from_row"] == 15 and summary["rows_here"] == 8
+    with np.load(tmp_path / "v3.npz") as z:
+        np.testing.assert_allclose(z["features"], _expected(maps, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_conversion_under_torchrun_equals_one_process(chain, tmp_path):
+    from helpers import free_port, run_script
+
+    reg, maps = chain
+    x = np.random.default_rng(6).standard_normal((1001, 4)).astype(np.float32)
+    labels = np.arange(1001) % 7
+    np.savez(tmp_path / "v1.npz", features=x, labels=labels)
+    args = ["-m", "fct.compat.convert", "--registry", str(reg.root), "--from", "v1", "--to", "v3",
+            "--input", str(tmp_path / "v1.npz"), "--chunk-rows", "100", "--no-progress"]
+    one = run_script(*args, "--output", str(tmp_path / "one.npz"))
+    two = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                     *args, "--output", str(tmp_path / "two.npz"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("converted 1001 embeddings") == 1  # rank 0 reports
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        np.testing.assert_array_equal(b["features"], a["features"])
+        np.testing.assert_array_equal(b["labels"], labels)
+        np.testing.assert_allclose(b["features"], _expected(maps, x), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -91,6 +91,14 @@ def test_unbacked_claim_is_refused(chain, tmp_path):
         evaluate_chain(cfg)
 
 
+@pytest.mark.parametrize("overrides", [["eval_params.knn_backend=faiss_hnsw"],
+                                       ["eval_params.knn_backend=faiss_ivf_flat", "eval_params.compute_map=false"]])
+def test_approximate_search_is_refused_for_a_matrix(chain, tmp_path, overrides):
+    # every cell reports mAP: the refusal names the backend, not compute_map (the user cannot turn it off here)
+    with pytest.raises(ConfigError, match="knn_backend 'faiss_.*': a compatibility matrix scores every cell by exact"):
+        load_config(ChainConfig, chain_yaml(chain, tmp_path), overrides)
+
+
 @pytest.mark.slow
 def test_config_errors(chain, tmp_path):
     bad = chain_yaml(chain, tmp_path, v1_compat="[v2]")

@@ -126,6 +126,7 @@ def fake_lite_wheels(root: Path) -> Path:
     import timm
     import torch
 
+    root.mkdir(parents=True, exist_ok=True)
     for i in range(3):
         torch.manual_seed(i)
         net = timm.create_model(f"tf_efficientnet_lite{i}", pretrained=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from fct.config.common import DatasetParams, RuntimeParams
-from fct.config.evaluation import EvalParams
+from fct.config.evaluation import APPROXIMATE_KNN_BACKENDS, EvalParams
 from fct.errors import ConfigError
 
 
@@ -40,6 +40,19 @@ class ChainVersion:
 
 
 @dataclass(frozen=True)
+class MatrixEvalParams(EvalParams):
+    """``eval_params`` of a compatibility matrix: those of eval.py, with exact search only (every
+    cell reports mAP, which an approximate index cannot give)."""
+
+    def __post_init__(self) -> None:
+        if self.knn_backend in APPROXIMATE_KNN_BACKENDS or self.ann is not None:
+            raise ConfigError(f"eval_params.knn_backend {self.knn_backend!r}: a compatibility matrix scores every "
+                              "cell by exact search (mAP included); use knn_backend torch or faiss, without "
+                              "eval_params.ann")
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
 class ChainConfig:
     """Versions oldest first. ``registry_dir`` receives the embedding registry built from them (rebuilt
     on every run), ``output_dir`` the matrices (JSON, heat-map PNGs) and 2-D projections."""
@@ -49,7 +62,7 @@ class ChainConfig:
     registry_dir: str  # the embedding registry built from the versions
     output_dir: str  # matrices (JSON, heat-map PNGs) and 2-D projections
     # retrieval settings of every cell of the matrix (no backfilling)
-    eval_params: EvalParams = field(default_factory=EvalParams)
+    eval_params: MatrixEvalParams = field(default_factory=MatrixEvalParams)
     headline_metric: Literal["top1", "top5", "mAP"] = "top1"  # the metric the criterion/AC lead with
     projection: bool = True  # 2-D projection of each pair of consecutive versions
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # how the run executes
@@ -74,3 +87,4 @@ class ChainConfig:
                     raise ConfigError(f"versions[{k}] ({v.id}): compatible_with names {other!r}, not an older version")
         if self.eval_params.backfilling is not None:
             raise ConfigError("eval_params.backfilling does not apply to a compatibility matrix; remove it")
+

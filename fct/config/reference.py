@@ -96,10 +96,14 @@ def _comments(source_lines: list[str]) -> dict[int, str]:
 
 def field_comments(cls: type) -> dict[str, str]:
     """Field name -> its description: the comment lines directly above the field, then the
-    comment at the end of its line(s). Class variables (e.g. ``_aliases``) are included."""
+    comment at the end of its line(s). Class variables (e.g. ``_aliases``) are included; a
+    subclass's fields keep the descriptions of the dataclass that declares them."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            out.update(field_comments(base))
     node, lines = _class_node(cls)
     comments = _comments(lines)
-    out: dict[str, str] = {}
     for stmt in node.body:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue

@@ -137,6 +137,7 @@ def real_update() -> Recipe:
         about="a real update between published ImageNet models (EfficientNet-Lite0 -> Lite2) on the stand-in",
         out=OUT, steps=steps, summarise=summarise,
         quick={"embed": ["dataset_params.num_classes=10"],
-               "transformation": ["epochs=1", "lr_policy_params.warmup_length=0", "dataset_params.num_classes=10"],
+               "transformation": ["epochs=1", "lr_policy_params.warmup_length=0", "dataset_params.num_classes=10",
+                                  "dataset_params.batch_size=8"],
                "compat": ["projection=false"]},
         tiny_imagenet=True)
