@@ -9,12 +9,17 @@
     the evaluated case ranked once, its ranks shared by the metrics, the per-class CMC and the
     flips (what ``evaluate`` does), against a ranking pass for each of the three (what it did
     before the engine returned per-query ranks). Both include the reference case's own pass.
+(e) The whole ``eval.py`` process on a stored-embeddings file (N x 128, the same file as query and
+    gallery, leave-one-out, top-1/top-5/full mAP, results written) against a bare process that only
+    loads the same file and computes the same (N, N) distance GEMM in 4096-row chunks; both timed
+    from launch to exit (interpreter start and imports included), alternated, median of repeats.
 
 Embeddings lie on a 1/64 grid so float32 arithmetic on them is exact and both paths see the
 same distances (ties included); the ranking is then identical by construction, not by luck.
 
     python benchmarks/bench_eval.py                     # full run (a: 50k, b: 10k, c: 10k+50k, d: 20k)
     python benchmarks/bench_eval.py --n 20000 --n-small 2000 --knn-sizes 2000 --n-case 2000   # quick
+    python benchmarks/bench_eval.py --parts e --repeats 5     # eval.py against a bare GEMM process, 50k
 """
 
 from __future__ import annotations
@@ -141,6 +146,54 @@ def case_passes(n: int, repeats: int) -> dict[str, Any]:
             "top1": outputs["shared"]["metrics"]["top1"], "nfr": outputs["shared"]["flips"]}
 
 
+BARE_GEMM = """
+import sys, time
+import numpy as np, torch
+with np.load(sys.argv[1]) as z:
+    x = torch.from_numpy(z["features"])
+torch.backends.cuda.matmul.allow_tf32 = False
+out = torch.empty((4096, x.shape[0]))
+sq = (x * x).sum(1)[None, :]
+for s in range(0, x.shape[0], 4096):
+    torch.addmm(sq, x[s:s + 4096], x.t(), alpha=-2.0, out=out[: min(4096, x.shape[0] - s)])
+"""
+
+
+def eval_process_vs_bare(n: int, repeats: int, workdir: Path) -> dict[str, Any]:
+    """Part (e): wall seconds of an ``eval.py`` process and of a bare load + chunked GEMM process."""
+    import numpy as np
+
+    x, y = make_embeddings(n, seed=3)
+    feats = workdir / f"embeddings_{n}.npz"
+    np.savez(feats, features=x.numpy(), labels=y.numpy())
+    cfg = workdir / "eval.yaml"
+    cfg.write_text(f"query_features_path: {feats}\ngallery_features_path: {feats}\n"
+                   f"eval_params: {{topk: [1, 5], compute_map: true}}\nresults_path: {workdir / 'results.json'}\n"
+                   "runtime: {progress: false, tensorboard: false}\n")
+    commands = {"eval.py": [sys.executable, str(ROOT / "eval.py"), "--config", str(cfg)],
+                "bare": [sys.executable, "-c", BARE_GEMM, str(feats)]}
+    runs: dict[str, list[float]] = {k: [] for k in commands}
+    for _ in range(repeats):
+        for name, cmd in commands.items():  # alternated: both see the same machine state
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=workdir)
+            runs[name].append(time.perf_counter() - t)
+    metrics = json.loads((workdir / "results.json").read_text())
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"n": n, "runs": runs, "median": med, "ratio": med["eval.py"] / med["bare"],
+            "metrics": {k: metrics.get(k) for k in METRIC_KEYS}}
+
+
+def report_e(e: dict[str, Any]) -> list[str]:
+    m = e["metrics"]
+    return ["", f"(e) whole eval.py process against a bare load + GEMM process, {e['n']:,} x 128-d, "
+            "launch to exit, alternated:", "",
+            "| process | median s | runs s |", "| --- | --- | --- |",
+            *(f"| {k} | {e['median'][k]:.2f} | {', '.join(f'{t:.2f}' for t in e['runs'][k])} |" for k in e["runs"]),
+            "", f"Ratio eval.py / bare: **{e['ratio']:.2f}x**; eval.py metrics: top-1 {m['top1']}, "
+            f"top-5 {m['top5']}, mAP {m['mAP']}."]
+
+
 def report_a(a: list[dict[str, Any]], n: int) -> list[str]:
     times = [r["seconds"] for r in a]
     m = a[0]["metrics"]
@@ -218,7 +271,7 @@ def report_d(d: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'a' or 'bc'")
+    ap.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'a' or 'bc'")
     ap.add_argument("--n", type=int, default=50_000, help="size of part (a)")
     ap.add_argument("--n-small", type=int, default=10_000, help="size of part (b)")
     ap.add_argument("--knn-sizes", type=int, nargs="*", default=[10_000, 50_000], help="sizes of part (c)")
@@ -250,6 +303,12 @@ def main() -> None:
     if "d" in args.parts:
         results["d"] = case_passes(args.n_case, args.repeats)
         body += report_d(results["d"])
+    if "e" in args.parts:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results["e"] = eval_process_vs_bare(args.n, args.repeats, Path(tmp))
+        body += report_e(results["e"])
     results["load_average_at_end"] = os.getloadavg()[0]
     lines += [f"Environment: {env}; at end {results['load_average_at_end']:.2f}.", "", *body]
     print("\n".join(lines))

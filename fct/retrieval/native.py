@@ -32,13 +32,20 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 
+#define BLOCK 1024
+
 /* For rows r0..r1 of a (c, ng) float32 key block with sorted positives pos (c, p) (the first
    npos[r] of row r real, the rest +inf): hist[r, j] += 1 for every item whose key has exactly
-   j real positives strictly below it. hist is (c, p + 1) int64, zeroed by the caller.
-   scratch holds nb + 6 int32. nb: buckets spanning [pos[r, 0], pos[r, npos - 1]]. */
+   j real positives strictly below it. hist is (c, p + 1) int64, zeroed by the caller; ng < 2^31.
+   scratch holds nb + 6 + 4 * (p + 1) int32. nb: buckets spanning [pos[r, 0], pos[r, npos - 1]].
+   Items go by blocks in two stages: their bucket numbers (a loop the compiler vectorises), then
+   the look-ups; four interleaved histograms keep repeated bins from waiting on each other. */
 void fct_count_below(const float *keys, const float *pos, const int64_t *npos, int64_t *hist,
                      int64_t c, int64_t ng, int64_t p, int64_t nb, int64_t r0, int64_t r1,
                      int32_t *scratch) {
+    int32_t bucket[BLOCK];
+    int32_t *first = scratch;        /* nb + 6: first[b] = #{positives in buckets < b} */
+    int32_t *h4 = scratch + nb + 6;  /* 4 * (p + 1) */
     for (int64_t r = r0; r < r1; ++r) {
         const float *k = keys + r * ng;
         const float *q = pos + r * p;
@@ -54,8 +61,6 @@ void fct_count_below(const float *keys, const float *pos, const int64_t *npos, i
         if (!(width >= floor_w)) width = floor_w;
         if (!(width >= 1e-30f)) width = 1e-30f;
         float origin = lo - 2.0f * width, scale = 1.0f / width, top = (float)(nb + 4);
-        /* first[b] = #{positives in buckets < b}, for b = 0 .. nb + 5 */
-        int32_t *first = scratch;
         for (int64_t b = 0; b <= nb + 5; ++b) first[b] = 0;
         for (int64_t i = 0; i < n; ++i) {
             float v = (q[i] - origin) * scale;
@@ -64,16 +69,28 @@ void fct_count_below(const float *keys, const float *pos, const int64_t *npos, i
             first[(int64_t)v + 1] += 1;
         }
         for (int64_t b = 1; b <= nb + 5; ++b) first[b] += first[b - 1];
-        for (int64_t j = 0; j < ng; ++j) {
-            float d = k[j];
-            float v = (d - origin) * scale;
-            if (!(v >= 0.0f)) v = 0.0f;
-            if (v > top) v = top;
-            int64_t b = (int64_t)v;
-            int32_t t = first[b], end = first[b + 1];
-            while (t < end && q[t] < d) ++t;
-            h[t] += 1;
+        for (int64_t b = 0; b < 4 * (p + 1); ++b) h4[b] = 0;
+        for (int64_t j0 = 0; j0 < ng; j0 += BLOCK) {
+            int64_t m = ng - j0 < BLOCK ? ng - j0 : BLOCK;
+            const float *kb = k + j0;
+            for (int64_t j = 0; j < m; ++j) {
+                float v = (kb[j] - origin) * scale;
+                v = v >= 0.0f ? v : 0.0f; /* NaN -> bucket 0 */
+                v = v > top ? top : v;
+                bucket[j] = (int32_t)v;
+            }
+            for (int64_t j = 0; j < m; ++j) {
+                int32_t b = bucket[j];
+                int32_t t = first[b], end = first[b + 1];
+                if (t < end) {
+                    float d = kb[j];
+                    while (t < end && q[t] < d) ++t;
+                }
+                h4[(j & 3) * (p + 1) + t] += 1;
+            }
         }
+        for (int64_t t = 0; t <= p; ++t)
+            h[t] += (int64_t)h4[t] + h4[(p + 1) + t] + h4[2 * (p + 1) + t] + h4[3 * (p + 1) + t];
     }
 }
 """
@@ -134,16 +151,17 @@ def count_below_histogram(keys: torch.Tensor, pos: torch.Tensor, npos: torch.Ten
                           threads: Optional[int] = None) -> torch.Tensor:
     """(c, p + 1) int64: row r's histogram of j = #{real positives of r strictly below the item}
     over its ng items. keys (c, ng) float32, pos (c, p) float32 sorted (+inf past npos[r]),
-    npos (c,) int64, all contiguous on the CPU; nb >= 1 buckets per row. Call ``available()``
-    first."""
+    npos (c,) int64, all contiguous on the CPU; nb >= 1 buckets per row; ng < 2^31. Call
+    ``available()`` first."""
     assert _lib is not None, "call available() first"
     c, ng = keys.shape
+    assert ng < 2**31, "rows of 2^31 items or more: use the torch count"
     p = pos.shape[1]
     keys, pos, npos = keys.contiguous(), pos.contiguous(), npos.to(torch.int64).contiguous()
     hist = torch.zeros((c, p + 1), dtype=torch.int64)
     nt = max(1, min(threads or torch.get_num_threads(), c))
     bounds = [c * i // nt for i in range(nt + 1)]
-    scratch = [torch.empty(nb + 6, dtype=torch.int32) for _ in range(nt)]
+    scratch = [torch.empty(nb + 6 + 4 * (p + 1), dtype=torch.int32) for _ in range(nt)]
     args = (keys.data_ptr(), pos.data_ptr(), npos.data_ptr(), hist.data_ptr(), c, ng, p, nb)
 
     def run(i: int) -> None:
