@@ -4,7 +4,7 @@ Data: N clustered Gaussian embeddings (``--clusters`` centres drawn from N(0, I)
 centre plus ``--spread`` times N(0, I) noise; seeded) and ``--queries`` separate query vectors
 drawn the same way (so no query is in the gallery), metric l2.
 
-For each index (IVF-Flat, IVF-PQ, HNSW), in a fresh subprocess so that its peak RSS is its own:
+For each index (IVF-Flat, IVF-PQ, IVF-PQ re-ranked, HNSW), in a fresh subprocess so that its peak RSS is its own:
 the build time (training on a seeded sample, then adding all N), the index's size as faiss
 serialises it, and for each search setting (``nprobe`` for IVF, ``ef_search`` for HNSW, changed
 on the built index): the time to find the k nearest of every query, and recall@1 / recall@k
@@ -96,15 +96,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                         "recall": {str(k): 1.0 for k in ks}}]
         out["peak_rss_mib"] = _rss_mib()
         return out
-    key = SWEEP_KEY[args.child]
+    backend, _, refine = args.child.partition(":")  # faiss_ivf_pq:refine re-ranks with --refine-factor
+    key = SWEEP_KEY[backend]
     sweep = args.nprobe if key == "nprobe" else args.ef_search
     params = AnnParams(nlist=args.nlist, nprobe=sweep[0], hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                       ef_search=sweep[0], pq_m=args.pq_m, seed=args.seed)
-    ann = build_index(gallery, args.child, "l2", params)
+                       ef_search=sweep[0], pq_m=args.pq_m, seed=args.seed,
+                       refine_factor=args.refine_factor if refine else 1)
+    ann = build_index(gallery, backend, "l2", params)
     out.update(params=ann.params, build_s=ann.build_s, index_bytes=index_bytes(ann), rows=[])
     for value in sweep:
         if key == "nprobe":
-            ann.index.nprobe = value
+            (ann.base if ann.base is not None else ann.index).nprobe = value
         else:
             ann.index.hnsw.efSearch = value
         t0 = time.perf_counter()
@@ -146,7 +148,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
             head = ["exact (torch, knn_torch)", "-", "0", f"{raw_mib:.0f} (the float32 gallery)",
                     f"{args.dim * 4}", f"{r['rss_data_mib']:.0f} / {r['peak_rss_mib']:.0f}"]
         else:
-            params = ", ".join(f"{k} {v}" for k, v in r["params"].items() if k not in ("nprobe", "ef_search"))
+            params = ", ".join(f"{k} {v}" for k, v in r["params"].items()
+                               if k not in ("nprobe", "ef_search") and not (k == "refine_factor" and v == 1))
             head = [r["backend"], params, f"{r['build_s']:.1f}", f"{r['index_bytes'] / 2**20:.0f}",
                     f"{r['index_bytes'] / args.n:.0f}", f"{r['rss_data_mib']:.0f} / {r['peak_rss_mib']:.0f}"]
         for row in r["rows"]:
@@ -188,7 +191,9 @@ def main() -> None:
     ap.add_argument("--recall-queries", type=int, default=1000, help="the seeded sample recall is measured on")
     ap.add_argument("-k", "--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backends", default=",".join(BACKENDS + ("exact",)), help="comma-separated")
+    ap.add_argument("--backends", default=",".join(BACKENDS + ("faiss_ivf_pq:refine", "exact")),
+                    help="comma-separated; faiss_ivf_pq:refine is IVF-PQ re-ranked with --refine-factor")
+    ap.add_argument("--refine-factor", type=int, default=4, help="candidates re-ranked per neighbour (IVF-PQ refine)")
     ap.add_argument("--nlist", type=int, default=None, help="IVF cells (default: eval_params.ann's, 4 sqrt(N))")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 64], help="IVF settings searched")
     ap.add_argument("--pq-m", type=int, default=None)

@@ -109,8 +109,23 @@ def test_ivf_pq_derives_its_parameters_and_finds_neighbours():
                           ann=AnnParams(pq_bits=4, recall_queries=200))
     p = r["ann"]["params"]
     # nlist 4 * sqrt(2000) = 179, capped at 2000 // 39 = 51; pq_m the largest divisor of 16 up to 16 / 4
-    assert p == {"nlist": 51, "nprobe": 16, "train_size": 2000, "pq_m": 4, "pq_bits": 4}
+    assert p == {"nlist": 51, "nprobe": 16, "train_size": 2000, "pq_m": 4, "pq_bits": 4, "refine_factor": 1}
     assert r["ann"]["recall_at_k"]["10"] > 0.3 and r["top1"] > 90.0
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_ivf_pq_reranked_over_every_candidate_equals_exact_search(exclude_self):
+    # every cell probed and refine_factor * (k + self) >= N candidates re-ranked by exact distance:
+    # the exact lists and distances, where the PQ codes alone are not
+    x, _ = _clustered(300, 8, 4, seed=6)
+    exact_v, exact_i = KNN_BACKENDS.get("torch")(x, x, 5, "l2", exclude_self)
+    plain = AnnParams(nlist=4, nprobe=4, pq_m=4, pq_bits=4)
+    _, pi = KNN_BACKENDS.get("faiss_ivf_pq")(x, x, 5, "l2", exclude_self, params=plain)
+    assert not torch.equal(pi, exact_i)
+    reranked = AnnParams(nlist=4, nprobe=4, pq_m=4, pq_bits=4, refine_factor=60)
+    av, ai = KNN_BACKENDS.get("faiss_ivf_pq")(x, x, 5, "l2", exclude_self, params=reranked)
+    assert torch.equal(ai, exact_i)
+    assert torch.allclose(av, exact_v, atol=1e-4, rtol=1e-4)
 
 
 def test_missing_neighbours_are_misses():
@@ -141,6 +156,8 @@ def _eval_params(**ep):
     ({"knn_backend": "faiss_hnsw", "compute_map": False, "ann": {"recall_queries": -1}},
      "eval_params.ann.recall_queries"),
     ({"knn_backend": "faiss_hnsw", "compute_map": False, "ann": {"seed": -1}}, "eval_params.ann.seed"),
+    ({"knn_backend": "faiss_ivf_pq", "compute_map": False, "ann": {"refine_factor": 0}},
+     "eval_params.ann.refine_factor"),
 ])
 def test_config_errors_name_the_key(ep, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -33,6 +33,10 @@ class AnnParams:
     # null: the largest divisor of the width that is at most width / 4
     pq_m: Optional[int] = None
     pq_bits: int = 8  # IVF-PQ: bits per sub-quantizer code (1-16); training needs 2**pq_bits vectors
+    # IVF-PQ: re-rank refine_factor * k candidates by their exact distances to the stored float32
+    # vectors (faiss IndexRefineFlat: recall near IVF-Flat's, memory + 4 * width bytes per vector,
+    # exact distances returned); 1: no re-ranking, the quantised distances
+    refine_factor: int = 1
     hnsw_m: int = 32  # HNSW: links per node (memory grows by about 8 * hnsw_m bytes per vector)
     ef_construction: int = 40  # HNSW: candidate list while building (larger: better graph, slower build)
     ef_search: int = 128  # HNSW: candidate list while searching (faiss uses at least k)
@@ -43,7 +47,7 @@ class AnnParams:
     def __post_init__(self) -> None:
         positive = {"nprobe": self.nprobe, "pq_bits": self.pq_bits, "ef_construction": self.ef_construction,
                     "ef_search": self.ef_search, "nlist": self.nlist, "train_size": self.train_size,
-                    "pq_m": self.pq_m}
+                    "pq_m": self.pq_m, "refine_factor": self.refine_factor}
         for key, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"eval_params.ann.{key} must be >= 1, got {value}")

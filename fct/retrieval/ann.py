@@ -6,7 +6,8 @@ the common contract of ``fct.retrieval.knn`` (values, indices nearest first; ``e
 query i never returns gallery item i) plus a keyword ``params`` (an ``AnnParams``). Where an index
 finds fewer than k neighbours for a query (IVF with few, small cells probed) the missing entries
 are index -1. Values are the index's own distances: exact for IVF-Flat and HNSW, quantised for
-IVF-PQ. ``cosine`` L2-normalises both sides and searches by inner product, as the exact backends.
+IVF-PQ (exact with ``refine_factor`` > 1, which re-ranks refine_factor * k PQ candidates by their
+exact distances to the stored vectors, on the CPU even when the IVF-PQ part is on the GPU). ``cosine`` L2-normalises both sides and searches by inner product, as the exact backends.
 
 Recall@k of a query is the fraction of its first k approximate neighbours that belong to an
 exact top-k: a neighbour counts when its exact ranking key is no worse than the exact k-th key.
@@ -85,7 +86,7 @@ def _ivf_pq(faiss: Any, n: int, d: int, metric: int, p: AnnParams) -> tuple[Any,
     index.cp.seed = p.seed
     index.pq.cp.seed = p.seed
     index.nprobe = r["nprobe"]
-    return index, {**r, "pq_m": pq_m, "pq_bits": p.pq_bits}
+    return index, {**r, "pq_m": pq_m, "pq_bits": p.pq_bits, "refine_factor": p.refine_factor}
 
 
 @ANN_INDEXES.register("faiss_hnsw")
@@ -107,6 +108,7 @@ class AnnIndex:
     build_s: float  # training and adding, seconds
     size: int
     gpu_resources: Any = None  # faiss GPU resources: they must live as long as the index
+    base: Any = None  # the IVF-PQ index inside a re-ranking (refine) index: kept alive with it
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -146,8 +148,12 @@ def build_index(gallery: torch.Tensor, backend: str, metric: str, params: AnnPar
             index.train(g[rows])
         else:
             index.train(g)
+    base = None
+    if resolved.get("refine_factor", 1) > 1:
+        base, index = index, faiss.IndexRefineFlat(index)
+        index.k_factor = float(resolved["refine_factor"])
     index.add(g)
-    return AnnIndex(backend, index, resolved, device, time.perf_counter() - t0, n, res)
+    return AnnIndex(backend, index, resolved, device, time.perf_counter() - t0, n, res, base)
 
 
 def search_index(ann: AnnIndex, query: torch.Tensor, k: int,
@@ -163,6 +169,9 @@ def search_index(ann: AnnIndex, query: torch.Tensor, k: int,
 def index_bytes(ann: AnnIndex) -> int:
     """The index's size as faiss stores it (vectors or codes, lists, graph), in bytes."""
     faiss = import_faiss(ann.backend)
+    if ann.base is not None and ann.device != "cpu":  # a GPU IVF-PQ inside a CPU re-ranking index
+        return (int(faiss.serialize_index(faiss.index_gpu_to_cpu(ann.base)).nbytes)
+                + ann.size * ann.index.d * 4)
     index = faiss.index_gpu_to_cpu(ann.index) if ann.device != "cpu" else ann.index
     return int(faiss.serialize_index(index).nbytes)
 
