@@ -1,4 +1,5 @@
-"""Write a data set in fct's array format: `python prepare_dataset.py cifar100 [--source ARCHIVE]`.
+"""Write a data set in fct's array format or as WebDataset shards: `python prepare_dataset.py cifar100`,
+`python prepare_dataset.py npz --source DIR --out DIR --format webdataset --shard-size 1000`.
 
 See fct/data/prepare.py (and --help) for the formats it reads and writes.
 """

@@ -117,6 +117,10 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         _check_folder(Path(cfg.output_path), made)
     rt = make_runtime(cfg.runtime)
     dataset = build_dataset(dp.name, dp.data_root, cfg.split, augment=False, num_classes=dp.num_classes)
+    if dp.name == "webdataset":  # checked before the model is loaded: a stream has no ids to keep in order
+        from fct.data.webdataset import NO_RANDOM_ACCESS
+
+        raise UserError(NO_RANDOM_ACCESS)
     if cfg.split == "train":
         dataset = take_fraction(dataset, dp.train_fraction, dp.train_fraction_seed)
     info = dataset_info(dp.name, dp.data_root)

@@ -36,6 +36,27 @@ class OptimizerParams:
 
 
 @dataclass(frozen=True)
+class SplitUrls:
+    """Extension, ``webdataset`` only: where each split's shards are read from, in place of the
+    paths listed by data_root/webdataset.json (e.g. the same shards on a web server or in object
+    storage). Each is a WebDataset url pattern that expands to the index's shards, in its order."""
+
+    # e.g. https://host/set/train-{000000..000049}.tar or pipe:aws s3 cp s3://b/train-{000000..000049}.tar -
+    train: Optional[str] = None
+    val: Optional[str] = None  # the validation shards, likewise (distinct from the training shards)
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """Extension, ``webdataset`` only: the expected number of samples of each split (all classes).
+    The index already holds the counts, so these are optional; a value given must equal the
+    index's count, a guard that ``urls`` name the shards the index describes."""
+
+    train: Optional[int] = None  # training samples
+    val: Optional[int] = None  # validation samples
+
+
+@dataclass(frozen=True)
 class DatasetParams:
     """The data set (a name registered in fct.data) and how it is batched.
 
@@ -44,8 +65,8 @@ class DatasetParams:
     eight (the learning rate needs no rescaling when the process count changes).
     """
 
-    name: str  # registered data set: digits, npz, cifar100, imagenet or imagefolder
-    data_root: str = ""  # its folder (ignored by digits)
+    name: str  # registered data set: digits, npz, cifar100, imagenet, imagefolder or webdataset
+    data_root: str = ""  # its folder (ignored by digits; webdataset: the folder holding webdataset.json)
     num_classes: Optional[int] = None  # train on labels 0..num_classes-1 only; None: all
     num_workers: int = 4  # DataLoader worker processes per training process
     batch_size: int = 256  # global batch, split over processes
@@ -53,6 +74,11 @@ class DatasetParams:
     # fixed by train_fraction_seed, not by the run seed: "old data" for an added-data update)
     train_fraction: Optional[float] = None
     train_fraction_seed: int = 0  # extension: seed of the train_fraction selection
+    urls: Optional[SplitUrls] = None  # extension, webdataset: shard url patterns per split; None: the index's shards
+    num_samples: Optional[SplitCounts] = None  # extension, webdataset: expected samples per split (checked)
+    # extension, webdataset: samples each loader worker holds to shuffle its stream (0 or 1: stored
+    # order); the shard order is shuffled per epoch either way
+    shuffle_buffer: int = 1000
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -63,6 +89,24 @@ class DatasetParams:
             raise ConfigError(f"dataset_params.num_classes must be >= 1, got {self.num_classes}")
         if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
             raise ConfigError(f"dataset_params.train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"dataset_params.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        for split in ("train", "val"):
+            n = None if self.num_samples is None else getattr(self.num_samples, split)
+            if n is not None and n < 1:
+                raise ConfigError(f"dataset_params.num_samples.{split} must be >= 1, got {n}")
+        if self.name != "webdataset":
+            for key in ("urls", "num_samples"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"dataset_params.{key} applies to name: webdataset only (name is {self.name!r})")
+        elif self.train_fraction is not None:
+            raise ConfigError(
+                "dataset_params.train_fraction needs random access to every label, which a webdataset stream "
+                "lacks: write the fraction's shards with `prepare_dataset.py ... --format webdataset "
+                "--train-fraction F` instead"
+            )
+        if self.urls is not None and self.urls.train is not None and self.urls.train == self.urls.val:
+            raise ConfigError("dataset_params.urls.train and urls.val are the same shards; the splits must differ")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
   padding 4 + flip. The published CIFAR-100 mean/std.
 - `imagenet`, `imagefolder`: data_root/train/<class>/ and val/<class>/ (or training/,
   validation/). Train: RandomResizedCrop 224 + flip. ImageNet mean/std.
+- `webdataset`: tar shards and their index data_root/webdataset.json (fct/data/webdataset.py),
+  written from any of the above by ``prepare_dataset.py --format webdataset``; read as a stream
+  (an IterableDataset) with the augmentation and mean/std of the data set it was written from.
 
 Evaluation transforms are deterministic: the array sets only normalise; the folder photo sets
 resize to 256 and centre-crop 224. ``num_classes=K`` keeps the samples with label < K (label ids,
@@ -24,12 +27,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from fct.data import arrays, folders
+from fct.config.common import DatasetParams
+from fct.data import arrays, folders, webdataset
 from fct.data.arrays import Stats
 from fct.data.transforms import (
     CIFAR100_MEAN,
@@ -58,11 +62,14 @@ class DatasetInfo:
 
 
 class DataSource(ABC):
-    """One data set at one location. Registered classes are built as ``cls(name, data_root)``."""
+    """One data set at one location. Registered classes are built as ``cls(name, data_root,
+    options)``; ``options`` (the config's DatasetParams, or None for defaults) carries the keys
+    that only some data sets read (webdataset's urls, num_samples, shuffle_buffer)."""
 
-    def __init__(self, name: str, data_root: str) -> None:
+    def __init__(self, name: str, data_root: str, options: Any = None) -> None:
         self.name = name
         self.root = Path(data_root).expanduser()
+        self.options = options
 
     @abstractmethod
     def info(self) -> DatasetInfo: ...
@@ -71,7 +78,7 @@ class DataSource(ABC):
     def build(self, split: str, augment: bool, num_classes: int | None) -> Dataset: ...
 
 
-DATASETS: Registry[Callable[[str, str], DataSource]] = Registry("dataset")
+DATASETS: Registry[Callable[..., DataSource]] = Registry("dataset")
 
 
 def check_not_empty(labels: np.ndarray, source: str | Path, split: str) -> None:
@@ -297,23 +304,61 @@ class ImageFolderSource(DataSource):
         return _folder_build(self.root, split, num_classes, self.hint, imagenet_transforms(augment))
 
 
+# --------------------------------------------------------------------------- WebDataset shards
+@DATASETS.register("webdataset")
+class WebDatasetSource(DataSource):
+    """Tar shards and their index (data_root/webdataset.json); ``options.urls`` may move the
+    shards elsewhere (any URL WebDataset reads), ``options.num_samples`` checks the split sizes."""
+
+    def _index(self) -> "webdataset.Index":
+        index = webdataset.read_index(self.root)
+        counts = getattr(self.options, "num_samples", None)
+        for split in SPLITS:
+            given = getattr(counts, split, None) if counts is not None else None
+            if given is not None and given != index.split_total(split):
+                raise UserError(
+                    f"dataset_params.num_samples.{split}={given} but {index.path} counts "
+                    f"{index.split_total(split)} {split} samples; correct the key or rewrite the shards"
+                )
+        return index
+
+    def info(self) -> DatasetInfo:
+        index = self._index()
+        return DatasetInfo(self.name, index.num_classes, index.image_size, index.mean, index.std)
+
+    def build(self, split: str, augment: bool, num_classes: int | None) -> Dataset:
+        _check_split(split)
+        urls = getattr(self.options, "urls", None)
+        return webdataset.build_stream(
+            self._index(), split, augment=augment, num_classes=num_classes,
+            url_override=getattr(urls, split, None) if urls is not None else None,
+            url_key=f"dataset_params.urls.{split}",
+            shuffle_buffer=(self.options or DatasetParams(name=self.name)).shuffle_buffer,
+        )
+
+
 # --------------------------------------------------------------------------- entry points
-def dataset_info(name: str, data_root: str) -> DatasetInfo:
+def dataset_info(name: str, data_root: str, options: Any = None) -> DatasetInfo:
     """Classes, crop size and normalisation of a data set (cheap: no image is decoded, except
-    that an `npz` set without its mean/std cache reads its training images once)."""
-    return DATASETS.get(name)(name, data_root).info()
+    that an `npz` set without its mean/std cache reads its training images once).
+    options: the config's DatasetParams (only some data sets read it; None: defaults)."""
+    return DATASETS.get(name)(name, data_root, options).info()
 
 
 def build_dataset(
-    name: str, data_root: str, split: str, *, augment: bool, num_classes: int | None = None
+    name: str, data_root: str, split: str, *, augment: bool, num_classes: int | None = None,
+    options: Any = None,
 ) -> Dataset:
-    """A split as a map-style Dataset of (float32 (3, H, W), int label).
+    """A split as a Dataset of (float32 (3, H, W), int label).
 
     augment: training transforms, else the deterministic evaluation ones (feature extraction).
     num_classes: keep the samples with label < num_classes (None: all).
-    The result has ``.labels`` (int64 (N,), the kept samples) and ``.num_classes_total``.
+    options: the config's DatasetParams (only some data sets read it; None: defaults).
+    Map-style sets have ``.labels`` (int64 (N,), the kept samples) and ``.num_classes_total``;
+    ``webdataset`` gives a :class:`fct.data.webdataset.ShardStream` (an IterableDataset), which
+    ``fct.training.loaders`` reads as a stream.
     """
-    return DATASETS.get(name)(name, data_root).build(split, augment, num_classes)
+    return DATASETS.get(name)(name, data_root, options).build(split, augment, num_classes)
 
 
 # --------------------------------------------------------------------------- training subsets

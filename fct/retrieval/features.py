@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm import tqdm
 
 from fct import dist
@@ -125,6 +125,10 @@ def _extract(
     gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The shared loop: fn(model, images) -> (features (B, D), extra (B, E) or None)."""
+    if isinstance(dataset, IterableDataset):  # a webdataset stream: no index to place features by
+        from fct.data.webdataset import NO_RANDOM_ACCESS
+
+        raise UserError(NO_RANDOM_ACCESS)
     shared = gather and dist.is_dist()
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]

@@ -177,7 +177,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
     check_global_batch(dp.batch_size)  # before the process group starts: torchrun then stops cleanly
     rt = make_runtime(cfg.runtime)
     config_dict = to_dict(cfg)
-    info = dataset_info(dp.name, dp.data_root)
+    info = dataset_info(dp.name, dp.data_root, dp)
     k = dp.num_classes or info.num_classes
     if ssl is None and k > cfg.arch_params.num_classes:
         raise UserError(
@@ -190,15 +190,15 @@ def train_backbone(cfg: BackboneConfig) -> dict:
 
     if ssl is None:
         train_set = train_split(build_dataset(dp.name, dp.data_root, "train", augment=True,
-                                              num_classes=dp.num_classes))
+                                              num_classes=dp.num_classes, options=dp))
         memory_set = None
     else:
         train_set = train_split(build_two_view_dataset(dp.name, dp.data_root, "train", num_classes=dp.num_classes,
                                                        params=ssl.augmentation))
         # the k-NN monitor's memory bank: the same training images, unaugmented
         memory_set = train_split(build_dataset(dp.name, dp.data_root, "train", augment=False,
-                                               num_classes=dp.num_classes))
-    val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
+                                               num_classes=dp.num_classes, options=dp))
+    val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes, options=dp)
 
     run = open_run_folder(cfg.run_dir, config_dict, output_files=_output_files(cfg), inputs=_input_files(cfg))
     with run:
@@ -212,7 +212,7 @@ def train_backbone(cfg: BackboneConfig) -> dict:
                                                          ssl.projection_dim))
         init_info = _init_from(cfg, backbone, run.checkpointer)
         mean_set = None if cfg.bct_params is None else train_split(
-            build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes))
+            build_dataset(dp.name, dp.data_root, "train", augment=False, num_classes=dp.num_classes, options=dp))
         bct = _bct_reference(cfg, backbone, mean_set, k, rt, run.checkpointer, stats)
         previous = _previous_versions(cfg, val_set[0][0][None], rt, stats)
         if previous is not None:

@@ -23,10 +23,11 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 from tqdm import tqdm
 
 from fct import dist
+from fct.errors import UserError
 from fct.io import atomic_write_json, atomic_write_text, file_sha256
 from fct.runtime import Runtime
 from fct.training.loaders import SeededDataset
@@ -110,6 +111,9 @@ def build_feature_cache(
     and the rest. augment_seeded: view v of sample i uses the augmentation of training epoch v
     (the SeededDataset convention); False for an un-augmented split (views must be 1).
     """
+    if isinstance(dataset, IterableDataset):  # a webdataset stream: features are stored by index
+        raise UserError("feature_cache.enabled=true needs a map-style data set; with dataset_params.name="
+                        "webdataset set feature_cache.enabled=false (features computed as the stream is read)")
     n = len(dataset)  # type: ignore[arg-type]
     shared = {k: v for k, v in key.items() if k != "models"}
     roots: dict[str, Path] = {}

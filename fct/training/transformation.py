@@ -231,10 +231,11 @@ def train_transformation(cfg: TransformationConfig) -> dict:
     else:
         assert cfg.old_model_path is not None and cfg.new_model_path is not None  # checked by the config
         train_set = take_fraction(build_dataset(dp.name, dp.data_root, "train", augment=True,
-                                                num_classes=dp.num_classes), dp.train_fraction, dp.train_fraction_seed)
-        val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes)
+                                                num_classes=dp.num_classes, options=dp),
+                                  dp.train_fraction, dp.train_fraction_seed)
+        val_set = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=dp.num_classes, options=dp)
         example = val_set[0][0]
-        info = dataset_info(dp.name, dp.data_root)
+        info = dataset_info(dp.name, dp.data_root, dp)
         stats = (info.mean, info.std)
         models = {"old": load_frozen(cfg.old_model_path, rt, example, stats),
                   "new": load_frozen(cfg.new_model_path, rt, example, stats)}
