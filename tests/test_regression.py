@@ -303,6 +303,9 @@ def test_interpolation_config_errors(tiny_models, tmp_path):
         from_dict(InterpolationConfig, sweep_cfg(tiny_models, tmp_path, alphas=[0.5, 1.5]))
     with pytest.raises(ConfigError, match="unknown interpolation method"):
         from_dict(InterpolationConfig, sweep_cfg(tiny_models, tmp_path, methods=["linear"]))
+    with pytest.raises(ConfigError, match="dataset_params.name=webdataset: interpolate.py"):
+        from_dict(InterpolationConfig, sweep_cfg(tiny_models, tmp_path, dataset_params={
+            "name": "webdataset", "data_root": str(tmp_path)}))
     p = tmp_path / "bad.yaml"
     p.write_text(json.dumps({**sweep_cfg(tiny_models, tmp_path), "alpha": [0.5]}))
     r = run_script("interpolate.py", "--config", str(p))

@@ -73,6 +73,10 @@ class InterpolationConfig:
     runtime: RuntimeParams = field(default_factory=RuntimeParams)  # how the run executes
 
     def __post_init__(self) -> None:
+        if self.dataset_params.name == "webdataset":
+            raise ConfigError("dataset_params.name=webdataset: interpolate.py measures accuracy and flips per "
+                              "image of the evaluation split, which needs a map-style data set (npz, cifar100, "
+                              "imagefolder, ...); write one with prepare_dataset.py")
         if not self.new_model_paths:
             raise ConfigError("new_model_paths must list at least one model file")
         if not self.methods:
