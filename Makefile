@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fct-installed
 REAL_UPDATE_STAMP := $(VENV)/.fct-real-update-installed
 
-.PHONY: venv quickstart test test-fast docs reproduce-cpu regression-quick regression-cpu chain-cpu real-update-cpu bench clean-runs
+.PHONY: venv quickstart test test-fast docs reproduce-cpu regression-quick regression-cpu chain-cpu real-update-cpu bench clean-runs gpu-check
 
 venv: $(STAMP)
 
@@ -65,3 +65,18 @@ $(REAL_UPDATE_STAMP): $(STAMP) requirements-real-update.txt
 
 real-update-cpu: $(REAL_UPDATE_STAMP)
 	$(PY) -m fct.experiments real-update
+
+# GPU readiness in one command, on any CUDA machine, in under 10 minutes (docs/benchmarks/gpu.md):
+# an environment layered over the machine's own Python and CUDA build of torch (fct/gpu_check/venv.py:
+# torch is used as it is, 2.11 or later, never reinstalled, and nothing is installed into the machine's
+# environment), the packages of requirements-gpu.txt it lacks (faiss-gpu instead of faiss-cpu; pip runs
+# only when something is missing, constrained to the present torch), then every section into
+# runs/gpu_check/report.json and report.md. PYTHON: the machine's Python with torch
+# (make gpu-check PYTHON=/path/to/python); GPU_CHECK_ARGS: more options, e.g. --only exact_eval, or
+# --cpu for the tiny run on a machine without a GPU.
+GPU_VENV ?= runs/gpu-venv
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m fct.gpu_check.venv $(GPU_VENV)
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m fct.gpu_check --install --out runs/gpu_check $(GPU_CHECK_ARGS)
