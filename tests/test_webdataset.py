@@ -349,7 +349,7 @@ def _counts(**kw):
     return SplitCounts(**kw)
 
 
-def test_embed_refuses_a_stream_in_one_line(tmp_path: Path) -> None:
+def test_embed_refuses_a_stream_in_one_line(tmp_path: Path, capsys) -> None:
     _, out = shards_of(tmp_path)
     cfg = tmp_path / "embed.yaml"
     cfg.write_text(textwrap.dedent(f"""\
@@ -359,6 +359,8 @@ def test_embed_refuses_a_stream_in_one_line(tmp_path: Path) -> None:
         output_path: {tmp_path}/e.npz
         """))
     (tmp_path / "model.pt").write_bytes(b"")
-    r = run_script("-m", "fct.embed", "--config", str(cfg), cwd=REPO)
-    assert r.returncode == 2, r.stderr
-    assert "dataset_params.name=webdataset" in one_error_line(r.stderr)
+    from fct.cli import run_main
+    from fct.embed import main
+
+    assert run_main(main, ["--config", str(cfg)]) == 2
+    assert "dataset_params.name=webdataset" in one_error_line(capsys.readouterr().err)
