@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 
 from fct.errors import UserError
@@ -231,7 +232,7 @@ class Counter:
         in_block = offs < cnt[:, None]
         cols = (blocks.start[s:e, None] + offs).clamp(max=ng - 1)
         pos = keys.gather(1, cols).masked_fill_(~in_block, float("inf"))
-        pos = torch.sort(pos, dim=1).values  # the excluded self (+inf) sorts last
+        pos = _sorted_rows(pos)  # the excluded self (+inf) sorts last
         npos = blocks.num_positives[s:e]
         pos_le = torch.searchsorted(pos, pos, right=True)  # (n, p): positives <= p_k
 
@@ -260,6 +261,14 @@ class Counter:
         return _ap_from_histogram(hist, pos_le, npos, offs, p)
 
 
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, p) float32 with each row sorted ascending (NaN last). On the CPU numpy's sort
+    (vectorised) is about 25x faster than torch.sort on (1342, 500) rows of positives."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
 def _ap_from_histogram(hist: torch.Tensor, pos_le: torch.Tensor, npos: torch.Tensor, offs: torch.Tensor,
                        p: int) -> ChunkStats:
     """AP per row from the (n, p + 1) histogram of "positives strictly below the item"."""
@@ -275,8 +284,13 @@ def _ap_from_histogram(hist: torch.Tensor, pos_le: torch.Tensor, npos: torch.Ten
 def chunk_rows(nq: int, ng: int, compute_map: bool, device: torch.device, chunk_size: int | None,
                extra_bytes_per_pair: int = 0) -> int:
     """Query rows per key block: ``chunk_size``, else as many as the memory budget of
-    ``auto_chunk`` allows for the counting buffers plus ``extra_bytes_per_pair`` of the caller's."""
-    per_pair = (_BYTES_PER_PAIR_MAP if compute_map else _BYTES_PER_PAIR_CMC) + extra_bytes_per_pair
+    ``auto_chunk`` allows for the counting buffers plus ``extra_bytes_per_pair`` of the caller's.
+    The compiled count needs no per-pair buffer besides the key block: its blocks are about 6x
+    taller, which at 50,000 x 50,000 makes the pass about 1.3x faster (fewer, larger matmuls)."""
+    if compute_map and _native_counting(device):
+        per_pair = _BYTES_PER_PAIR_CMC // 2 + extra_bytes_per_pair  # the float32 key block
+    else:
+        per_pair = (_BYTES_PER_PAIR_MAP if compute_map else _BYTES_PER_PAIR_CMC) + extra_bytes_per_pair
     return min(chunk_size or auto_chunk(nq, ng, per_pair, device), nq)
 
 

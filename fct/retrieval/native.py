@@ -4,12 +4,15 @@ strictly below each item" in one pass over the key block.
 The torch path (``fct.retrieval.bucket_count``) needs about eight elementwise passes over each
 (chunk, Ng) block (bucket map, look-up, mask, histogram); this kernel does them in one loop per
 row, with the same bucketing idea (a monotone bucket map, a per-row table of "positives in lower
-buckets", exact comparisons only against the positives that share the item's bucket). It is
-plain C (no Python headers, no OpenMP: rows are split across Python threads, which ctypes runs
-without the GIL), compiled with the system's C compiler on first use into a per-user cache
-(``$XDG_CACHE_HOME/fct`` or ``~/.cache/fct``) and loaded with ctypes. Without a compiler, or with
-``FCT_NATIVE=0`` in the environment, ``available()`` is False and the torch path runs instead;
-both give identical results (tests check it).
+buckets", exact comparisons only against the positives that share the item's bucket), in blocks
+of items whose bucket numbers are computed first (a vectorised loop). It is plain C (no Python
+headers), compiled with the system's C compiler on first use into a per-user cache
+(``$XDG_CACHE_HOME/fct`` or ``~/.cache/fct``) and loaded with ctypes. Built with ``-fopenmp``
+its rows are split over the threads of the OpenMP pool torch already runs (the same
+``libgomp.so.1``), so no idle torch thread spins beside them; a compiler without OpenMP gives a
+kernel whose rows are split over Python threads instead (ctypes releases the GIL). Without a
+compiler, or with ``FCT_NATIVE=0`` in the environment, ``available()`` is False and the torch path
+runs instead; all give identical results (tests check it).
 """
 
 from __future__ import annotations
@@ -93,6 +96,25 @@ void fct_count_below(const float *keys, const float *pos, const int64_t *npos, i
             h[t] += (int64_t)h4[t] + h4[(p + 1) + t] + h4[2 * (p + 1) + t] + h4[3 * (p + 1) + t];
     }
 }
+
+/* The rows cut into nt consecutive parts (bounds[t] .. bounds[t + 1]), one per thread of the
+   OpenMP pool, each with its own scratch (stride int32). Built with -fopenmp the pool is torch's
+   own (the same libgomp.so.1), whose threads would otherwise spin beside ours. Returns 0 when
+   compiled without OpenMP (the caller then uses its own threads). */
+int fct_count_below_parallel(const float *keys, const float *pos, const int64_t *npos, int64_t *hist,
+                             int64_t c, int64_t ng, int64_t p, int64_t nb, int64_t nt,
+                             const int64_t *bounds, int32_t *scratch, int64_t stride) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int64_t t = 0; t < nt; ++t)
+        fct_count_below(keys, pos, npos, hist, c, ng, p, nb, bounds[t], bounds[t + 1], scratch + t * stride);
+    return 1;
+#else
+    (void)keys; (void)pos; (void)npos; (void)hist; (void)c; (void)ng; (void)p; (void)nb; (void)nt;
+    (void)bounds; (void)scratch; (void)stride;
+    return 0;
+#endif
+}
 """
 
 _lock = threading.Lock()
@@ -119,15 +141,21 @@ def _compile() -> Optional[ctypes.CDLL]:
             src = Path(tmp) / "count.c"
             src.write_text(_SOURCE)
             out = Path(tmp) / "count.so"
-            r = subprocess.run([cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
-                               capture_output=True, text=True)
-            if r.returncode != 0 or not out.is_file():
+            for openmp in (["-fopenmp"], []):  # without OpenMP when the compiler lacks it
+                r = subprocess.run([cc, "-O3", "-ffp-contract=off", *openmp, "-shared", "-fPIC", "-o", str(out),
+                                    str(src), "-lm"], capture_output=True, text=True)
+                if r.returncode == 0 and out.is_file():
+                    break
+            else:
                 return None
             os.replace(out, lib_path)  # atomic: concurrent processes see a whole file or none
     lib = ctypes.CDLL(str(lib_path))
     fn = lib.fct_count_below
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    par = lib.fct_count_below_parallel
+    par.restype = ctypes.c_int
+    par.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
     return lib
 
 
@@ -161,8 +189,14 @@ def count_below_histogram(keys: torch.Tensor, pos: torch.Tensor, npos: torch.Ten
     hist = torch.zeros((c, p + 1), dtype=torch.int64)
     nt = max(1, min(threads or torch.get_num_threads(), c))
     bounds = [c * i // nt for i in range(nt + 1)]
-    scratch = [torch.empty(nb + 6 + 4 * (p + 1), dtype=torch.int32) for _ in range(nt)]
+    stride = nb + 6 + 4 * (p + 1)
+    scratch_all = torch.empty(nt * stride, dtype=torch.int32)
+    scratch = [scratch_all[i * stride:(i + 1) * stride] for i in range(nt)]
     args = (keys.data_ptr(), pos.data_ptr(), npos.data_ptr(), hist.data_ptr(), c, ng, p, nb)
+    if nt > 1:
+        cut = torch.tensor(bounds, dtype=torch.int64)
+        if _lib.fct_count_below_parallel(*args, nt, cut.data_ptr(), scratch_all.data_ptr(), stride):
+            return hist
 
     def run(i: int) -> None:
         _lib.fct_count_below(*args, bounds[i], bounds[i + 1], scratch[i].data_ptr())
