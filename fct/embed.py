@@ -15,6 +15,8 @@ Two outputs, by ``output_path``:
   shards in flight are redone). ``manifest.json`` (the meta, the shard count, rows and width),
   written last, marks the folder complete. Every reader of features files (``eval.py``,
   ``compat.py``, ``train_transformation.py``) takes such a folder wherever it takes an ``.npz``.
+  A webdataset stream (``dataset_params.name: webdataset``) is embedded into a folder only, one
+  output shard per non-empty input shard (in the index's order, ids from the shards).
 
 ``ids``: each image's index in the data set's own arrays (for ``npz`` sets its row in the split's
 file), through any class or fraction subset, so files of the same images written by different
@@ -32,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -61,11 +63,14 @@ def provenance(cfg: EmbedConfig) -> dict[str, Any]:
     from fct.io import file_sha256
 
     dp = cfg.dataset_params
-    return {"model_sha256": file_sha256(cfg.model_path), "dataset": dp.name,
+    made = {"model_sha256": file_sha256(cfg.model_path), "dataset": dp.name,
             "data_root": str(Path(dp.data_root).resolve()) if dp.data_root else "", "split": cfg.split,
             "num_classes": dp.num_classes,
             "train_fraction": [dp.train_fraction, dp.train_fraction_seed] if cfg.split == "train" else None,
             "code_version": fct.__version__}
+    if dp.name == "webdataset" and dp.urls is not None:  # other shards than the index's
+        made["urls"] = getattr(dp.urls, cfg.split)
+    return made
 
 
 def stored_provenance(path: str) -> Optional[dict[str, Any]]:
@@ -116,14 +121,15 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     if sharded:
         _check_folder(Path(cfg.output_path), made)
     rt = make_runtime(cfg.runtime)
-    dataset = build_dataset(dp.name, dp.data_root, cfg.split, augment=False, num_classes=dp.num_classes)
-    if dp.name == "webdataset":  # checked before the model is loaded: a stream has no ids to keep in order
-        from fct.data.webdataset import NO_RANDOM_ACCESS
-
-        raise UserError(NO_RANDOM_ACCESS)
-    if cfg.split == "train":
+    stream = dp.name == "webdataset"
+    if stream and not sharded:
+        raise UserError(f"output_path {cfg.output_path}: a webdataset stream is embedded shard by shard into a "
+                        "folder (one output shard per input shard); give a folder, not an .npz")
+    dataset = build_dataset(dp.name, dp.data_root, cfg.split, augment=False, num_classes=dp.num_classes,
+                            options=dp)
+    if cfg.split == "train" and not stream:
         dataset = take_fraction(dataset, dp.train_fraction, dp.train_fraction_seed)
-    info = dataset_info(dp.name, dp.data_root)
+    info = dataset_info(dp.name, dp.data_root, dp)
     model = load_model_file(cfg.model_path, map_location="cpu", example_input=dataset[0][0],
                             input_stats=(info.mean, info.std))
     model = rt.prepare_model(model).eval()
@@ -131,7 +137,8 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
               device=rt.device, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last)
     t0 = time.perf_counter()
     if sharded:
-        rows, dim, done_here = _embed_shards(cfg, model, dataset, made, kw, rt.params.progress)
+        rows, dim, done_here = _embed_shards(cfg, model, _pieces(dataset, cfg.shard_size), made, kw,
+                                                 rt.params.progress)
     else:
         rows, dim = _embed_file(cfg, model, dataset, made, {**kw, "progress": rt.params.progress})
         done_here = rows
@@ -173,18 +180,43 @@ def _check_folder(root: Path, made: dict) -> None:
         raise UserError(f"output_path {root} is a folder with other files in it; give a new or empty folder")
 
 
-def _embed_shards(cfg: EmbedConfig, model: Any, dataset: Any, made: dict, kw: dict,
+# One output shard: its size, and a function giving (its images as a map-style data set, their ids).
+Piece = tuple[int, Callable[[], tuple[Any, np.ndarray]]]
+
+
+def _pieces(dataset: Any, size: int) -> list[Piece]:
+    """The output shards of ``dataset``: ``size`` consecutive rows each, or for a webdataset
+    stream one per non-empty input shard, in the index's order."""
+    from torch.utils.data import Subset
+
+    from fct.data.webdataset import ShardSamples, ShardStream
+
+    if isinstance(dataset, ShardStream):
+        def shard(k: int) -> Callable[[], tuple[Any, np.ndarray]]:
+            def load() -> tuple[Any, np.ndarray]:
+                part = ShardSamples(dataset, k)
+                return part, part.ids
+            return load
+
+        return [(c, shard(k)) for k, c in enumerate(dataset.counts) if c > 0]
+    n = len(dataset)
+    ids = split_ids(dataset)
+
+    def rows(start: int) -> Callable[[], tuple[Any, np.ndarray]]:
+        stop = min(n, start + size)
+        return lambda: (Subset(dataset, range(start, stop)), ids[start:stop])
+
+    return [(min(size, n - start), rows(start)) for start in range(0, n, size)]
+
+
+def _embed_shards(cfg: EmbedConfig, model: Any, pieces: list[Piece], made: dict, kw: dict,
                   progress: bool) -> tuple[int, int, int]:
     """This process's shards (k = rank, rank + W, ...), skipping finished ones; rank 0 writes the
     manifest once every shard is done. Returns (rows, width, rows embedded by this process)."""
-    from torch.utils.data import Subset
-
     from fct.io import atomic_save_npy, atomic_write_json, atomic_write_text
 
     root = Path(cfg.output_path)
-    n, size = len(dataset), cfg.shard_size
-    shards = (n + size - 1) // size
-    ids = split_ids(dataset)
+    n, shards = sum(size for size, _ in pieces), len(pieces)
     if dist.is_main():
         root.mkdir(parents=True, exist_ok=True)
         if not (root / META).is_file():
@@ -193,20 +225,19 @@ def _embed_shards(cfg: EmbedConfig, model: Any, dataset: Any, made: dict, kw: di
     mine = [k for k in range(dist.rank(), shards, dist.world_size()) if not (root / f"shard-{k:05d}.done").is_file()]
     extract = _extractor(model)
     done_here = 0
-    bar = tqdm(total=sum(min(size, n - k * size) for k in mine), desc="embedding", unit="img",
+    bar = tqdm(total=sum(pieces[k][0] for k in mine), desc="embedding", unit="img",
                disable=dist.progress_disabled(progress))
     for k in mine:
-        rows = range(k * size, min(n, (k + 1) * size))
-        feats, labels, log_var = extract(model, Subset(dataset, rows), progress=False, gather=False, **kw)
-        arrays = {"features": feats.float().numpy(), "labels": labels.numpy().astype(np.int64),
-                  "ids": ids[rows.start: rows.stop]}
+        part, ids = pieces[k][1]()
+        feats, labels, log_var = extract(model, part, progress=False, gather=False, **kw)
+        arrays = {"features": feats.float().numpy(), "labels": labels.numpy().astype(np.int64), "ids": ids}
         if log_var is not None:
             arrays["log_variance"] = log_var.float().numpy()
         for name, a in arrays.items():
             atomic_save_npy(a, shard_file(root, name, k))
-        atomic_write_text(f"{len(rows)}\n", root / f"shard-{k:05d}.done")  # last: the shard is complete
-        done_here += len(rows)
-        bar.update(len(rows))
+        atomic_write_text(f"{len(ids)}\n", root / f"shard-{k:05d}.done")  # last: the shard is complete
+        done_here += len(ids)
+        bar.update(len(ids))
     bar.close()
     dist.barrier()
     dim = int(np.load(shard_file(root, "features", 0), mmap_mode="r").shape[1])
@@ -214,7 +245,7 @@ def _embed_shards(cfg: EmbedConfig, model: Any, dataset: Any, made: dict, kw: di
         names = ["features", "labels", "ids"] + (["log_variance"] if shard_file(root, "log_variance", 0).is_file()
                                                  else [])
         atomic_write_json({"meta": made, "shards": shards, "rows": n, "dim": dim, "arrays": names,
-                           "shard_size": size}, root / MANIFEST)
+                           "shard_rows": [size for size, _ in pieces]}, root / MANIFEST)
     dist.barrier()
     return n, dim, done_here
 

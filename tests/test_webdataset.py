@@ -349,18 +349,44 @@ def _counts(**kw):
     return SplitCounts(**kw)
 
 
-def test_embed_refuses_a_stream_in_one_line(tmp_path: Path, capsys) -> None:
-    _, out = shards_of(tmp_path)
-    cfg = tmp_path / "embed.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
-        model_path: {tmp_path}/model.pt
-        dataset_params: {{name: webdataset, data_root: {out}, num_workers: 0}}
-        split: val
-        output_path: {tmp_path}/e.npz
-        """))
-    (tmp_path / "model.pt").write_bytes(b"")
+def test_embed_of_a_stream_equals_the_arrays_by_id(tmp_path: Path, capsys) -> None:
+    """fct.embed over shards writes one output shard per input shard, ids from the shards; the
+    embeddings equal those of the same images read from the npz set; an .npz output is refused."""
+    import torch
+
     from fct.cli import run_main
     from fct.embed import main
+    from fct.models import build_backbone, save_model_file
+    from fct.retrieval.embeddings import read_feature_file
 
-    assert run_main(main, ["--config", str(cfg)]) == 2
-    assert "dataset_params.name=webdataset" in one_error_line(capsys.readouterr().err)
+    src, out = shards_of(tmp_path, shard_size=5)
+    torch.manual_seed(0)
+    arch = {"arch": "CifarResNet20", "num_classes": 5, "embedding_dim": 8}
+    save_model_file(tmp_path / "model.pt", build_backbone(**arch).eval(), kind="backbone", arch_params=arch)
+
+    def config(name: str, data: str, output: str) -> Path:
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(textwrap.dedent(f"""\
+            model_path: {tmp_path}/model.pt
+            dataset_params: {data}
+            split: val
+            output_path: {output}
+            runtime: {{progress: false, tensorboard: false}}
+            """))
+        return cfg
+
+    stream = f"{{name: webdataset, data_root: {out}, num_workers: 0, batch_size: 4}}"
+    assert run_main(main, ["--config", str(config("bad", stream, f"{tmp_path}/e.npz"))]) == 2
+    assert "give a folder, not an .npz" in one_error_line(capsys.readouterr().err)
+    assert run_main(main, ["--config", str(config("wds", stream, f"{tmp_path}/from_shards"))]) == 0
+    arrays = f"{{name: npz, data_root: {src}, num_workers: 0, batch_size: 4}}"
+    assert run_main(main, ["--config", str(config("npz", arrays, f"{tmp_path}/from_npz.npz"))]) == 0
+    a, b = read_feature_file(str(tmp_path / "from_npz.npz")), read_feature_file(str(tmp_path / "from_shards"))
+    assert len(list((tmp_path / "from_shards").glob("shard-*.done"))) == 3  # 13 validation images, shards of 5
+    order = np.argsort(b.ids)
+    np.testing.assert_array_equal(b.ids[order], a.ids)
+    np.testing.assert_array_equal(b.labels[order], a.labels)
+    np.testing.assert_allclose(b.features[order], a.features, rtol=1e-5, atol=1e-6)
+    # a rerun with nothing changed does nothing
+    assert run_main(main, ["--config", str(config("wds", stream, f"{tmp_path}/from_shards"))]) == 0
+    assert "is up to date" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from fct.data.transforms import ArrayTransform, imagenet_transforms
 from fct.errors import UserError
@@ -453,6 +453,23 @@ NO_RANDOM_ACCESS = (
     "data set (npz, cifar100, imagefolder, ...): write one with prepare_dataset.py and point "
     "dataset_params at it"
 )
+
+
+class ShardSamples(Dataset):
+    """The samples of one shard of a stream, in stored order, as a map-style data set: their
+    encoded bytes are held in memory and decoded on access. ``fct.embed`` embeds a stream shard by
+    shard through this (one output shard per input shard), keeping each sample's ``ids``."""
+
+    def __init__(self, stream: ShardStream, shard: int) -> None:
+        self.stream = stream
+        self.raw = list(stream._segment(shard, 0, stream.counts[shard]))
+        self.ids = np.array([r.id for r in self.raw], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.stream._item(self.raw[i])
 
 
 def build_stream(index: Index, split: str, *, augment: bool, num_classes: Optional[int],
