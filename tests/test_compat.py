@@ -252,6 +252,18 @@ def _interrupt_third_chunk(monkeypatch) -> None:
     monkeypatch.setattr(VersionRegistry, "compose", failing)
 
 
+def _record_conversions(monkeypatch, real_compose) -> list:
+    """Make conversions record every chunk the maps are applied to; returns that list."""
+    seen: list = []
+
+    def recording(self, edges, device="cpu"):
+        fn = real_compose(self, edges, device)
+        return lambda t: (seen.append(t.clone()), fn(t))[1]
+
+    monkeypatch.setattr(VersionRegistry, "compose", recording)
+    return seen
+
+
 def test_interrupted_conversion_resumes(chain, tmp_path, monkeypatch):
     reg, maps = chain
     x = np.random.default_rng(1).standard_normal((23, 4)).astype(np.float32)
@@ -265,13 +277,7 @@ def test_interrupted_conversion_resumes(chain, tmp_path, monkeypatch):
     assert json.loads(sidecar.read_text())["done_rows"] == 10
     assert not out_path.exists()
 
-    seen = []
-
-    def recording(self, edges, device="cpu"):
-        fn = real_compose(self, edges, device)
-        return lambda t: (seen.append(t.clone()), fn(t))[1]
-
-    monkeypatch.setattr(VersionRegistry, "compose", recording)
+    seen = _record_conversions(monkeypatch, real_compose)
     summary = convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=5, progress=False)
     assert summary["resumed_from_row"] == 10
     assert [t.shape[0] for t in seen] == [5, 5, 3]  # rows 10-14, 15-19, 20-22
@@ -558,13 +564,7 @@ def test_a_two_process_conversion_cut_short_resumes_in_one_process(chain, tmp_pa
     assert saved["done"] == [[0, 8]] and not (tmp_path / ".v3.npy.progress.json").exists()
     monkeypatch.undo()
 
-    seen = []
-
-    def recording(self, edges, device="cpu"):
-        fn = real_compose(self, edges, device)
-        return lambda t: (seen.append(t.clone()), fn(t))[1]
-
-    monkeypatch.setattr(VersionRegistry, "compose", recording)
+    seen = _record_conversions(monkeypatch, real_compose)
     summary = convert_embeddings(reg, "v1", "v3", tmp_path / "v1.npy", out_path, chunk_rows=4, progress=False)
     assert summary["resumed_from_row"] == 8 and summary["rows_here"] == 15
     torch.testing.assert_close(torch.cat(seen), torch.from_numpy(x[8:]))  # only the rows no run finished

@@ -190,16 +190,15 @@ def count_below_histogram(keys: torch.Tensor, pos: torch.Tensor, npos: torch.Ten
     nt = max(1, min(threads or torch.get_num_threads(), c))
     bounds = [c * i // nt for i in range(nt + 1)]
     stride = nb + 6 + 4 * (p + 1)
-    scratch_all = torch.empty(nt * stride, dtype=torch.int32)
-    scratch = [scratch_all[i * stride:(i + 1) * stride] for i in range(nt)]
+    scratch = torch.empty(nt * stride, dtype=torch.int32)
     args = (keys.data_ptr(), pos.data_ptr(), npos.data_ptr(), hist.data_ptr(), c, ng, p, nb)
     if nt > 1:
         cut = torch.tensor(bounds, dtype=torch.int64)
-        if _lib.fct_count_below_parallel(*args, nt, cut.data_ptr(), scratch_all.data_ptr(), stride):
+        if _lib.fct_count_below_parallel(*args, nt, cut.data_ptr(), scratch.data_ptr(), stride):
             return hist
 
     def run(i: int) -> None:
-        _lib.fct_count_below(*args, bounds[i], bounds[i + 1], scratch[i].data_ptr())
+        _lib.fct_count_below(*args, bounds[i], bounds[i + 1], scratch[i * stride:].data_ptr())
 
     if nt == 1:
         run(0)
