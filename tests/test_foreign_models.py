@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,57 @@ def test_efficientnet_lite_weights_reproduce_the_published_model(index, size):
     full.load_state_dict(state, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(full(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_pretrained_trunk_with_init_from_bct_backward_maps_and_bcwi(tmp_path, timm_file):
+    """A timm trunk from a weight file goes through every training extension: the old model fine-tuned
+    from the weights (classes 0..4), a new model initialised from it (init_from, classes 0..9), a BCT
+    model and a backward-map model against the old one, and the BCWI sweep between old and new."""
+    _, path = timm_file
+    arch = (f"arch_params: {{arch: timm/resnet18, num_classes: 10, embedding_dim: 16, pretrained_path: {path}, "
+            "image_size: 16, arch_kwargs: {channels: [8, 16, 32, 64], stem_width: 8}}")
+
+    def train(name: str, extra: str = "", classes: int = 5) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = digits_backbone_config(folder, epochs=1, extra=extra)
+        text = cfg.read_text().replace(
+            "arch_params: {arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}", arch)
+        text = text.replace("num_classes: 5, num_workers", f"num_classes: {classes}, train_fraction: 0.3, num_workers")
+        cfg.write_text(text.replace("momentum: 0.9}", "momentum: 0.9, backbone_lr_mult: 0.1}"))
+        r = run_script("train_backbone.py", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        return folder / "model.pt"
+
+    old = train("old")
+    new = train("new", f"init_from: {old}\n", classes=10)
+    bct = train("bct", f"bct_params: {{old_model_path: {old}, influence_weight: 1.0}}\n", classes=10)
+    bwd = train("backward", f"backward_params: {{previous_model_paths: [{old}], previous_map_paths: [], "
+                            f"weight: 1.0, output_map_path: {tmp_path}/B1.pt}}\n", classes=10)
+    for p in (new, bct, bwd):
+        assert load_model_file(p).arch == "timm/resnet18"
+    assert (tmp_path / "B1.pt").is_file()
+    # init_from starts the new model at the old one's weights: after one epoch at lr 0.1 x 0.1 on the
+    # trunk, its first convolution is still close to the old model's
+    o, n = load_model_file(old).state_dict(), load_model_file(new).state_dict()
+    conv = next(k for k in o if k.endswith("conv1.weight"))
+    assert (n[conv] - o[conv]).abs().max() < (o[conv]).abs().max()
+    sweep = tmp_path / "interpolate.yaml"
+    sweep.write_text(textwrap.dedent(f"""\
+        old_model_path: {old}
+        new_model_paths: [{new}]
+        dataset_params: {{name: digits, num_workers: 0, batch_size: 128}}
+        methods: [plain, fisher]
+        alphas: [0.0, 0.5, 1.0]
+        fisher: {{labels: "true", max_samples: 256, normalize: mean}}
+        batchnorm: {{recompute: true, num_batches: 2}}
+        output_dir: {tmp_path}/sweep
+        runtime: {{progress: false}}
+        """))
+    r = run_script("interpolate.py", "--config", str(sweep))
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert results["settings"]["old_num_classes"] == 5 and results["settings"]["new_num_classes"] == 10
+    assert {"old", "new"} <= set(results["reference"])
+    assert set(results["points"]) == {f"{m}@{a}" for m in ("plain", "fisher") for a in (0, 0.5, 1)}
