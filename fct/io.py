@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint or result."""
+"""Atomic file writes (a reader never sees a half-written checkpoint or result) and the reader of
+fct's own tagged JSON files."""
 
 from __future__ import annotations
 
@@ -94,6 +95,23 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (the format from ``path``'s suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def read_tagged_json(path: Path, fmt: str, version: int, what: str, version_key: str = "version") -> dict:
+    """The JSON object in ``path`` written by fct with ``"format": fmt`` and ``version_key: version``;
+    a missing, unreadable, foreign or other-version file raises UserError naming ``path`` (``what`` says
+    what the file should have been)."""
+    from fct.errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UserError(f"{path} is not {what} (no \"format\": \"{fmt}\")")
+    if data.get(version_key) != version:
+        raise UserError(f"{path} has {version_key} {data.get(version_key)!r}; this fct reads version {version}")
+    return data
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -97,6 +97,24 @@ def test_registry_persists_and_fills_hashes(chain, tmp_path):
         VersionRegistry.open(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("text,message", [
+    (b"\xff\xfe", "is not readable JSON"),
+    ("{not json", "is not readable JSON"),
+    ('["a list"]', "is not an fct embedding registry (no \"format\": \"fct-embedding-registry\")"),
+    ('{"format": "fct-model", "format_version": 1}', "is not an fct embedding registry"),
+    ('{"format": "fct-embedding-registry", "format_version": 9, "versions": [], "edges": []}',
+     "has format_version 9; this fct reads version 1"),
+    ('{"format": "fct-embedding-registry", "format_version": 1, "versions": {}, "edges": []}',
+     "malformed registry (needs lists 'versions' and 'edges'"),
+])
+def test_a_damaged_registry_file_is_named(tmp_path, text, message):
+    file = tmp_path / "registry.json"
+    file.write_bytes(text) if isinstance(text, bytes) else file.write_text(text)
+    with pytest.raises(UserError) as e:
+        VersionRegistry.open(tmp_path)
+    assert message in str(e.value) and str(file) in str(e.value)
+
+
 def test_path_finding_forward_and_backward(chain):
     reg, _ = chain
     kinds = lambda edges: [(e.source, e.target) for e in edges]  # noqa: E731

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from fct.errors import UserError
-from fct.io import atomic_write_json, file_sha256
+from fct.io import atomic_write_json, file_sha256, read_tagged_json
 
 PathLike = Union[str, os.PathLike]
 EmbeddingMap = Callable[[torch.Tensor], torch.Tensor]  # (N, d_source) -> (N, d_target)
@@ -302,15 +302,7 @@ class VersionRegistry:
         file = Path(root) / REGISTRY_FILE
         if not file.is_file():
             raise UserError(f"no embedding registry at {root} ({REGISTRY_FILE} not found); create one first")
-        try:
-            data = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{file}: not a readable JSON file ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise UserError(f"{file} is not an fct embedding registry (no 'format': {FORMAT!r})")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{file}: registry format_version {data.get('format_version')!r} is not "
-                            f"supported (this code reads version {FORMAT_VERSION})")
+        data = read_tagged_json(file, FORMAT, FORMAT_VERSION, "an fct embedding registry", "format_version")
         extra = sorted(set(data) - {"format", "format_version", "versions", "edges"})
         if extra or not isinstance(data.get("versions"), list) or not isinstance(data.get("edges"), list):
             raise UserError(f"{file}: malformed registry (needs lists 'versions' and 'edges'; "

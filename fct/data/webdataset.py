@@ -27,7 +27,6 @@ evaluation, shard i goes to process i mod world and each sample is read once.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from fct.data.transforms import ArrayTransform, imagenet_transforms
 from fct.errors import UserError
+from fct.io import read_tagged_json
 
 INDEX = "webdataset.json"
 FORMAT = "fct-webdataset"
@@ -89,14 +89,7 @@ def read_index(root: Path) -> Index:
     path = root / INDEX
     if not path.is_file():
         raise UserError(f"{path} not found (the index of the shards); {PREPARE_HINT}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise UserError(f"{path} is not an fct WebDataset index (no \"format\": \"{FORMAT}\")")
-    if raw.get("version") != VERSION:
-        raise UserError(f"{path} has index version {raw.get('version')!r}; this fct reads version {VERSION}")
+    raw = read_tagged_json(path, FORMAT, VERSION, "an fct WebDataset index")
     for key in ("num_classes", "image_size", "mean", "std", "transform", "splits"):
         if key not in raw:
             raise UserError(f"{path} lacks the key {key!r}")
