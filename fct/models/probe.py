@@ -1,0 +1,140 @@
+"""Fit a backbone model file's classifier on stored embeddings (a linear probe), trunk unchanged.
+
+    python -m fct.models.probe --model new.pt --features new_train.npz [--val-features new_val.npz] \\
+        [--label-smoothing 0.1] [--weight-decay 1e-4] [--steps 100] --out new_probed.pt
+
+A wrapped pretrained model (``python -m fct.models.wrap``) has an untrained classifier, and a team
+that hands over only stored embeddings has none that fits its classes. FastFill's discriminative loss
+(``objective_params.discriminative_loss``) needs the new model's classifier for the training labels:
+this fits one on the new model's stored embeddings of the training set (``features`` and ``labels``
+of an fct features file) and writes a copy of the model file whose ``classifier`` is the fitted one.
+The classifier stays what fct's backbones have, a bias-free linear map of the embedding; it is fitted
+by full-batch L-BFGS on the label-smoothed cross-entropy plus ``weight_decay * ||W||^2 / 2``, a convex
+problem, from zero weights: the result does not depend on a seed. Every other tensor of the file is
+copied unchanged. The written file's meta gains ``probe`` (features file and SHA-256, settings,
+training and validation accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fct.errors import UserError
+
+
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                     label_smoothing: float = 0.1, weight_decay: float = 1e-4, steps: int = 100) -> torch.Tensor:
+    """The (num_classes, D) weight W minimising mean CE_ls(x W^T, y) + weight_decay * ||W||^2 / 2
+    over the rows x of ``features`` (float64 L-BFGS from zero, strong Wolfe line search)."""
+    x = features.double()
+    y = labels.long()
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T, y, label_smoothing=label_smoothing) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float()
+
+
+def _accuracy(weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((features.float() @ weight.T).argmax(1).eq(labels).double().mean() * 100.0)
+
+
+def _embeddings(path: str, flag: str, dim: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from fct.retrieval.embeddings import load_feature_file
+
+    e = load_feature_file(path)
+    if e.features.ndim != 2 or e.features.shape[1] != dim:
+        raise UserError(f"{flag} {path} holds {tuple(e.features.shape)} features; the model's classifier takes "
+                        f"{dim}-d embeddings")
+    if len(e.labels) == 0:
+        raise UserError(f"{flag} {path} holds no rows")
+    if int(e.labels.min()) < 0 or int(e.labels.max()) >= num_classes:
+        raise UserError(f"{flag} {path} has labels {int(e.labels.min())}..{int(e.labels.max())}; the model's "
+                        f"classifier has {num_classes} rows (labels 0..{num_classes - 1})")
+    return e.features, e.labels
+
+
+def probe(model_path: str, features_path: str, out: str, *, val_features_path: Optional[str] = None,
+          label_smoothing: float = 0.1, weight_decay: float = 1e-4, steps: int = 100) -> dict[str, Any]:
+    """Fit ``model_path``'s classifier on ``features_path`` and write the model to ``out``; returns
+    the ``probe`` record written into its meta."""
+    from fct.io import file_sha256
+    from fct.models.model_file import load_model_file, read_model_file, save_model_file
+    from fct.outputs import check_outputs
+
+    if not 0.0 <= label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing {label_smoothing}: give a value in [0, 1)")
+    if weight_decay < 0.0 or steps < 1:
+        raise UserError("--weight-decay must be >= 0 and --steps >= 1")
+    inputs = {"--model": model_path, "--features": features_path}
+    if val_features_path is not None:
+        inputs["--val-features"] = val_features_path
+    check_outputs({"--out": out}, inputs=inputs)
+    raw = read_model_file(model_path)
+    if raw["kind"] != "backbone":
+        raise UserError(f"--model {model_path} is a {raw['kind']!r} model file; a probe fits a backbone's classifier")
+    model = load_model_file(model_path)
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(classifier, torch.nn.Linear) or classifier.bias is not None:
+        raise UserError(f"--model {model_path} has no bias-free linear classifier to fit")
+    num_classes, dim = classifier.weight.shape
+    x, y = _embeddings(features_path, "--features", dim, num_classes)
+    weight = fit_linear_probe(x, y, num_classes, label_smoothing=label_smoothing, weight_decay=weight_decay,
+                              steps=steps)
+    with torch.no_grad():
+        classifier.weight.copy_(weight)
+    def source(path: str, rows: int) -> dict[str, Any]:  # a features folder (fct.embed shards) has no one hash
+        return {"path": str(path), "rows": rows, **({"sha256": file_sha256(path)} if os.path.isfile(path) else {})}
+
+    record: dict[str, Any] = {
+        "features": source(features_path, len(y)),
+        "label_smoothing": label_smoothing, "weight_decay": weight_decay, "steps": steps,
+        "train_top1": round(_accuracy(weight, x, y), 4)}
+    if val_features_path is not None:
+        vx, vy = _embeddings(val_features_path, "--val-features", dim, num_classes)
+        record["val_features"] = source(val_features_path, len(vy))
+        record["val_top1"] = round(_accuracy(weight, vx, vy), 4)
+    save_model_file(out, model, kind="backbone", arch_params=raw["arch_params"],
+                    meta={**raw["meta"], "probe": record})
+    return record
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fct.models.probe", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="backbone model file whose classifier is fitted")
+    p.add_argument("--features", required=True, help="the model's stored embeddings of the training set (.npz)")
+    p.add_argument("--val-features", help="stored embeddings whose classification accuracy is reported")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on the weights (default 1e-4)")
+    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations (default 100)")
+    p.add_argument("--out", required=True, help="the model file to write")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    record = probe(args.model, args.features, args.out, val_features_path=args.val_features,
+                   label_smoothing=args.label_smoothing, weight_decay=args.weight_decay, steps=args.steps)
+    val = f", validation top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""
+    print(f"classifier fitted on {record['features']['rows']} embeddings: training top-1 "
+          f"{record['train_top1']:.2f}%{val}; model written to {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    from fct.cli import run_main
+
+    sys.exit(run_main(main))
