@@ -19,6 +19,7 @@ from fct.experiments import RECIPES, Options, Recipe
 from fct.experiments.chain import SUITE as CHAIN_SUITE
 from fct.experiments.recipe import TINY_IMAGENET, Digest, missing_inputs, plan, step_sets
 from fct.experiments.steps import Step
+from fct.models import read_model_file
 
 SUMMARY_KEYS = {"recipe", "quick", "data_root", "only", "steps", "results", "wall_s"}
 from helpers import REPO
@@ -158,7 +159,9 @@ def test_real_update_quick_runs_end_to_end(tmp_path):
     results = summary["results"]
     cases = {(c["case"], c["side_info"]) for c in results["cases"]}
     assert ("FCT new/h(old)", "Lite1") in cases and ("FCT new/h(old), h trained from the models", "no") in cases
-    assert len(results["checks"]) == 5 and all(isinstance(c["holds"], bool) for c in results["checks"])
+    assert ("FastFill+disc new/h(old)", "Lite1") in cases  # with Lite2's classifier probed on its embeddings
+    assert "probe" in read_model_file(out / "models" / "lite2_probed.pt")["meta"]
+    assert len(results["checks"]) == 6 and all(isinstance(c["holds"], bool) for c in results["checks"])
     assert len(results["chain"]["top1"]) == 3 and (out / "backfilling.png").is_file()
     # 10 classes (--quick): 20 validation images, ceil(0.12 * 3) = 1 training image per class
     for m in ("lite0", "lite1", "lite2"):

@@ -85,3 +85,22 @@ def test_probe_refuses_what_does_not_fit(tmp_path, case, message):
                    "--out", str(out))
     assert r.returncode == 2 and message in one_error_line(r.stderr), r.stderr
     assert model.read_bytes() == before and (case == "same" or not out.exists())
+
+
+def test_a_config_file_gives_the_same_model_as_the_flags(tmp_path, capsys):
+    models = write_backbones(tmp_path / "m", (("new", 16, 1),))
+    x, y = _blobs()
+    np.savez(tmp_path / "train.npz", features=x.numpy(), labels=y.numpy())
+    main(["--model", str(models / "new.pt"), "--features", str(tmp_path / "train.npz"), "--weight-decay", "0.01",
+          "--out", str(tmp_path / "flags.pt")])
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text(f"model_path: {models / 'new.pt'}\nfeatures_path: {tmp_path / 'train.npz'}\n"
+                   f"output_model_path: {tmp_path / 'wrong.pt'}\nweight_decay: 0.01\n")
+    main(["--config", str(cfg), "--set", f"output_model_path={tmp_path / 'config.pt'}"])
+    a, b = (load_model_file(tmp_path / f"{n}.pt").state_dict() for n in ("flags", "config"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "wrong.pt").exists()
+    r = run_script("-m", "fct.models.probe", "--config", str(cfg), "--model", str(models / "new.pt"))
+    assert r.returncode == 2 and "--config gives the files; drop --model" in one_error_line(r.stderr)
+    cfg.write_text(cfg.read_text() + "label_smoothing: 1.5\n")
+    r = run_script("-m", "fct.models.probe", "--config", str(cfg))
+    assert r.returncode == 2 and "label_smoothing 1.5: give a value in [0, 1)" in one_error_line(r.stderr)

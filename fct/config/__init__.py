@@ -10,6 +10,7 @@ classes by ``python -m fct.config.reference``):
 - ``compat.py``: :class:`ChainConfig` (fct/config/chain.py)
 - ``python -m fct.embed``: :class:`EmbedConfig` (fct/config/embed.py)
 - a recipe's ``wrap`` step: :class:`WrapConfig` (fct/config/wrap.py)
+- ``python -m fct.models.probe --config`` and a recipe's ``probe`` step: :class:`ProbeConfig` (fct/config/probe.py)
 
 Sections several kinds share are in fct/config/common.py, the two-view augmentation section in
 fct/config/augmentation.py; fct/config/loader.py turns YAML into these classes.

@@ -35,6 +35,7 @@ from fct.config.embed import EmbedConfig
 from fct.config.evaluation import EvalConfig
 from fct.config.interpolation import InterpolationConfig
 from fct.config.transformation import TransformationConfig
+from fct.config.probe import ProbeConfig
 from fct.config.wrap import WrapConfig
 
 # Each entry script and the config class its --config file loads into, in the order of a workflow.
@@ -46,6 +47,7 @@ ENTRY_POINTS: tuple[tuple[str, type], ...] = (
     ("compat.py", ChainConfig),
     ("python -m fct.embed", EmbedConfig),
     ("python -m fct.experiments (a recipe's wrap step)", WrapConfig),
+    ("python -m fct.models.probe --config", ProbeConfig),
 )
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

@@ -38,13 +38,17 @@ REQUIREMENTS = "requirements-real-update.txt"
 # (row label, case: the stem of configs/real_update/eval_<case>.yaml, side-information)
 CASES = [("old/old (Lite0)", "old_old", "-"), ("new/new (Lite2)", "new_new", "-"),
          ("new/old", "new_old", "-"), ("FCT new/h(old)", "new_h_fct", "no"),
-         ("FCT new/h(old)", "new_h_fct_side", "Lite1"), ("FastFill new/h(old)", "new_h_fastfill", "Lite1")]
+         ("FCT new/h(old)", "new_h_fct_side", "Lite1"), ("FastFill new/h(old)", "new_h_fastfill", "Lite1"),
+         ("FastFill+disc new/h(old)", "new_h_fastfill_disc", "Lite1")]
 FROM_MODELS = ("FCT new/h(old), h trained from the models", "new_h_fct_from_models", "no")
 AUCS = [("backfilling AUC, FCT, random order", "new_h_fct", "random"),
         ("backfilling AUC, FCT+side-info, random order", "new_h_fct_side", "random"),
         ("backfilling AUC, FastFill, random order", "new_h_fastfill", "random"),
         ("backfilling AUC, FastFill, sigma order", "new_h_fastfill", "sigma"),
-        ("backfilling AUC, FastFill, distance oracle", "new_h_fastfill", "distance")]
+        ("backfilling AUC, FastFill, distance oracle", "new_h_fastfill", "distance"),
+        ("backfilling AUC, FastFill+disc, random order", "new_h_fastfill_disc", "random"),
+        ("backfilling AUC, FastFill+disc, sigma order", "new_h_fastfill_disc", "sigma"),
+        ("backfilling AUC, FastFill+disc, distance oracle", "new_h_fastfill_disc", "distance")]
 
 
 def lite_weights(index: int) -> str:
@@ -67,8 +71,9 @@ def steps(quick: bool) -> list[Step]:
         out += [Step("embed", f"embed-{m}-{split}", RU / "embed.yaml",
                      (f"model_path={MODELS / m}.pt", f"split={split}", f"output_path={FEATURES / m}_{split}.npz"))
                 for m in LITE]
+    out.append(Step("probe", "probe-lite2", RU / "probe_lite2.yaml"))  # Lite2's classifier for the 100 classes
     out += [Step("transformation", f"h-{k.replace('_', '-')}", RU / f"transformation_{k}.yaml")
-            for k in ("fct", "fct_side", "fastfill", "chain_h01", "chain_h12")]
+            for k in ("fct", "fct_side", "fastfill", "fastfill_disc", "chain_h01", "chain_h12")]
     out += eval_steps([case for _, case, _ in CASES], RU, "eval_{case}.yaml", AUCS, quick)
     out.append(Step("compat", "matrix-fct", RU / "matrix_chain_fct.yaml"))
     out.append(Step("transformation", "h-fct-from-models", RU / "transformation_fct_from_models.yaml"))
@@ -83,6 +88,8 @@ def checks(rows: dict[tuple[str, str], dict[str, float]], from_models: dict[str,
     fct, fct_side = rows[("FCT new/h(old)", "no")]["top1"], rows[("FCT new/h(old)", "Lite1")]["top1"]
     rnd = rows[("backfilling AUC, FastFill, random order", "Lite1")]["top1"]
     sigma = rows[("backfilling AUC, FastFill, sigma order", "Lite1")]["top1"]
+    rnd_disc = rows[("backfilling AUC, FastFill+disc, random order", "Lite1")]["top1"]
+    sigma_disc = rows[("backfilling AUC, FastFill+disc, sigma order", "Lite1")]["top1"]
     gap = (fct - old) / (new - old) if new != old else float("nan")
     gap_side = (fct_side - old) / (new - old) if new != old else float("nan")
     out = [
@@ -94,6 +101,8 @@ def checks(rows: dict[tuple[str, str], dict[str, float]], from_models: dict[str,
          "value": round(100 * gap_side, 1), "holds": bool(fct_side > fct)},
         {"check": "FastFill sigma order beats random clearly (published +4.5 AUC points)",
          "value": round(sigma - rnd, 2), "holds": bool(sigma >= rnd + 2)},
+        {"check": "the same with FastFill's discriminative loss (Lite2's probed classifier)",
+         "value": round(sigma_disc - rnd_disc, 2), "holds": bool(sigma_disc >= rnd_disc + 2)},
     ]
     if from_models is not None:
         diff = from_models["top1"] - fct

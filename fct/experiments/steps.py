@@ -124,6 +124,21 @@ def wrapping(path: Path, sets: list[str]) -> Prepared:
     return Prepared(cfg, run)
 
 
+@STEP_KINDS.register("probe")
+def probing(path: Path, sets: list[str]) -> Prepared:
+    """A model file whose classifier is fitted on stored embeddings (``python -m fct.models.probe``)."""
+    from fct.config import load_config
+    from fct.config.probe import ProbeConfig
+    from fct.models.probe import probe_from_config
+
+    cfg = load_config(ProbeConfig, path, sets)
+
+    def run(cache: Cache) -> None:
+        probe_from_config(cfg)
+
+    return Prepared(cfg, run)
+
+
 def model_files(config: Any) -> tuple[set[str], set[str]]:
     """(read, written): the normalised ``.pt`` / ``.npz`` paths of a loaded config (model and
     features files); written are those of

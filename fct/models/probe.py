@@ -2,6 +2,7 @@
 
     python -m fct.models.probe --model new.pt --features new_train.npz [--val-features new_val.npz] \\
         [--label-smoothing 0.1] [--weight-decay 1e-4] [--steps 100] --out new_probed.pt
+    python -m fct.models.probe --config probe.yaml [--set KEY=VALUE ...]   # a ProbeConfig
 
 A wrapped pretrained model (``python -m fct.models.wrap``) has an untrained classifier, and a team
 that hands over only stored embeddings has none that fits its classes. FastFill's discriminative loss
@@ -112,25 +113,48 @@ def probe(model_path: str, features_path: str, out: str, *, val_features_path: O
     return record
 
 
+def probe_from_config(cfg: Any) -> dict[str, Any]:
+    """:func:`probe` with the settings of a :class:`fct.config.probe.ProbeConfig`."""
+    return probe(cfg.model_path, cfg.features_path, cfg.output_model_path, val_features_path=cfg.val_features_path,
+                 label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay, steps=cfg.steps)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fct.models.probe", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="backbone model file whose classifier is fitted")
-    p.add_argument("--features", required=True, help="the model's stored embeddings of the training set (.npz)")
+    p.add_argument("--config", help="a probe config (model_path, features_path, output_model_path, ...) "
+                   "instead of the flags below")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --config key")
+    p.add_argument("--model", help="backbone model file whose classifier is fitted")
+    p.add_argument("--features", help="the model's stored embeddings of the training set (.npz)")
     p.add_argument("--val-features", help="stored embeddings whose classification accuracy is reported")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on the weights (default 1e-4)")
     p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations (default 100)")
-    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument("--out", help="the model file to write")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    record = probe(args.model, args.features, args.out, val_features_path=args.val_features,
-                   label_smoothing=args.label_smoothing, weight_decay=args.weight_decay, steps=args.steps)
+    if args.config:
+        from fct.config import load_config
+        from fct.config.probe import ProbeConfig
+
+        given = [f for f in ("model", "features", "val_features", "out") if getattr(args, f) is not None]
+        if given:
+            raise UserError(f"--config gives the files; drop --{given[0].replace('_', '-')} (or use --set)")
+        cfg = load_config(ProbeConfig, args.config, args.set)
+        record, out = probe_from_config(cfg), cfg.output_model_path
+    else:
+        missing = [f for f in ("model", "features", "out") if getattr(args, f) is None]
+        if missing or args.set:
+            raise UserError(f"give --{missing[0]} (or --config)" if missing else "--set needs --config")
+        record, out = probe(args.model, args.features, args.out, val_features_path=args.val_features,
+                            label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
+                            steps=args.steps), args.out
     val = f", validation top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""
     print(f"classifier fitted on {record['features']['rows']} embeddings: training top-1 "
-          f"{record['train_top1']:.2f}%{val}; model written to {args.out}")
+          f"{record['train_top1']:.2f}%{val}; model written to {out}")
     return record
 
 
