@@ -256,7 +256,12 @@ def _rank_worker(rank: int, world: int, port: int, root: str, out_dir: str) -> N
         train = [epoch_labels(batches, e) for e in range(2)]
         val = build_dataset("webdataset", root, "val", augment=False)
         seen_val = [int(v) for _, y in eval_loader(val, global_batch=4, num_workers=0, pin_memory=False) for v in y]
-        torch.save({"train": train, "steps": len(batches), "val": seen_val}, Path(out_dir) / f"{rank}.pt")
+        from fct.retrieval import extract_features
+
+        feats, labels = extract_features(torch.nn.Flatten(), val, batch_size=3, num_workers=0, device="cpu",
+                                         progress=False)  # each process a part of every shard, then gathered
+        torch.save({"train": train, "steps": len(batches), "val": seen_val, "feats": feats, "labels": labels},
+                   Path(out_dir) / f"{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
@@ -282,7 +287,7 @@ def test_two_processes_read_disjoint_samples(tmp_path: Path) -> None:
     if not tdist.is_available() or not tdist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     # 45 samples in shards of 7 over 2 processes: 22 each, 5 steps of 4 (2 left over per process).
-    _, out = shards_of(tmp_path, shard_size=7, n_train=45, n_val=11, classes=None)
+    src, out = shards_of(tmp_path, shard_size=7, n_train=45, n_val=11, classes=None)
     mp.spawn(_rank_worker, args=(2, free_port(), str(out), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     assert got[0]["steps"] == got[1]["steps"] == 5
@@ -290,6 +295,13 @@ def test_two_processes_read_disjoint_samples(tmp_path: Path) -> None:
         a, b = (set(g["train"][epoch]) for g in got)
         assert len(a) == len(b) == 20 and not a & b
     assert sorted(got[0]["val"] + got[1]["val"]) == list(range(11))  # evaluation: every sample once
+    # features of the stream under 2 processes: every process holds all 11 rows, in the npz set's order
+    from fct.retrieval import extract_features
+
+    feats, labels = extract_features(torch.nn.Flatten(), build_dataset("npz", str(src), "val", augment=False),
+                                     batch_size=4, num_workers=0, device="cpu", progress=False)
+    for g in got:
+        assert torch.equal(g["feats"], feats) and torch.equal(g["labels"], labels)
 
 
 # --------------------------------------------------------------------------- errors
@@ -311,10 +323,6 @@ def test_user_errors(tmp_path: Path) -> None:
         stream[3]
     with pytest.raises(UserError, match="without random access"):
         stream.labels
-    from fct.retrieval import extract_features
-
-    with pytest.raises(UserError, match="without random access"):
-        extract_features(torch.nn.Identity(), stream, batch_size=4, num_workers=0, device="cpu")
     with pytest.raises(ConfigError, match="batch_size=64 is larger than the 48"):
         StreamBatches(stream, batch=64, num_workers=0, seed=0, pin_memory=False, collate_fn=list)
     with pytest.raises(ConfigError, match="urls applies to name: webdataset only"):
@@ -390,3 +398,38 @@ def test_embed_of_a_stream_equals_the_arrays_by_id(tmp_path: Path, capsys) -> No
     # a rerun with nothing changed does nothing
     assert run_main(main, ["--config", str(config("wds", stream, f"{tmp_path}/from_shards"))]) == 0
     assert "is up to date" in capsys.readouterr().out
+
+
+def test_eval_of_a_stream_equals_that_of_the_npz_set(tmp_path: Path) -> None:
+    """eval.py reads the validation shards directly (shard by shard, rows in id order): the results
+    equal those of the npz set the shards were written from, with a class subset too."""
+    from fct.cli import run_main
+    from fct.models import build_backbone, save_model_file
+    from fct.retrieval import extract_features
+
+    from eval import main
+
+    src, out = shards_of(tmp_path, shard_size=4, n_val=19, classes=3)
+    stream = build_dataset("webdataset", str(out), "val", augment=False)
+    a, la = extract_features(torch.nn.Flatten(), stream, batch_size=3, num_workers=0, device="cpu", progress=False)
+    b, lb = extract_features(torch.nn.Flatten(), build_dataset("npz", str(src), "val", augment=False),
+                             batch_size=5, num_workers=0, device="cpu", progress=False)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    torch.manual_seed(0)
+    arch = {"arch": "CifarResNet20", "num_classes": 3, "embedding_dim": 8}
+    save_model_file(tmp_path / "model.pt", build_backbone(**arch).eval(), kind="backbone", arch_params=arch)
+    results = {}
+    for name, data in (("npz", src), ("webdataset", out)):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(textwrap.dedent(f"""\
+            query_model_path: {tmp_path}/model.pt
+            gallery_model_path: {tmp_path}/model.pt
+            dataset_params: {{name: {name}, data_root: {data}, num_workers: 0, batch_size: 4}}
+            eval_params: {{verbose: false, compute_map: true}}
+            results_path: {tmp_path}/{name}.json
+            runtime: {{progress: false}}
+            """))
+        assert run_main(main, ["--config", str(cfg)]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for key in ("top1", "top5", "mAP"):
+        assert results["webdataset"][key] == pytest.approx(results["npz"][key], abs=1e-9), key

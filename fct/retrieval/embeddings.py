@@ -211,9 +211,9 @@ def model_embeddings(model_path: str, dp: DatasetParams, rt: Runtime) -> Embeddi
     from fct.models import load_model_file
     from fct.retrieval.features import extract_features, extract_features_and_uncertainty
 
-    dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None)
+    dataset = build_dataset(dp.name, dp.data_root, "val", augment=False, num_classes=None, options=dp)
     # a foreign (TorchScript) model is first tried on one batch of the data's images
-    info = dataset_info(dp.name, dp.data_root)
+    info = dataset_info(dp.name, dp.data_root, dp)
     model = load_model_file(model_path, map_location="cpu", example_input=dataset[0][0],
                             input_stats=(info.mean, info.std))
     model = rt.prepare_model(model).eval()

@@ -3,6 +3,11 @@
 Under DDP each rank embeds its shard of a ``DistributedSampler`` (no shuffle, no drop); features
 travel with their dataset indices, so the sampler's padding duplicates are dropped by index
 and every rank ends up with the full (N, D) matrix in dataset order.
+
+A webdataset stream (no random access) is read shard by shard, each shard's samples held in memory
+while it is embedded (``ShardSamples``) and split over the ranks like a map-style set; rows travel
+with the samples' ids and come out in id order, which for shards written by ``prepare_dataset.py``
+is the order of the source data set's split.
 """
 
 from __future__ import annotations
@@ -125,30 +130,13 @@ def _extract(
     gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The shared loop: fn(model, images) -> (features (B, D), extra (B, E) or None)."""
-    if isinstance(dataset, IterableDataset):  # a webdataset stream: no index to place features by
-        from fct.data.webdataset import NO_RANDOM_ACCESS
-
-        raise UserError(NO_RANDOM_ACCESS)
     shared = gather and dist.is_dist()
     device = torch.device(device)
-    n = len(dataset)  # type: ignore[arg-type]
+    parts, n, by_id = _parts(dataset)
     if n == 0:
         raise UserError("cannot extract features from an empty dataset")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # its forward would sync buffers: pointless for inference
-    indexed = _WithIndex(dataset)
-    sampler = (
-        DistributedSampler(indexed, shuffle=False, drop_last=False) if shared else None
-    )
-    loader = DataLoader(
-        indexed,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-    )
     use_amp = amp_dtype is not None and device.type == "cuda"
     autocast = (
         torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
@@ -156,21 +144,29 @@ def _extract(
     feats, extras, labels, indices = [], [], [], []
     was_training = model.training
     model.eval()
+    bar = tqdm(total=n, desc="features", unit="img", disable=dist.progress_disabled(progress))
     try:
         with torch.inference_mode(), autocast:
-            batches = tqdm(loader, desc="features", unit="batch",
-                           disable=dist.progress_disabled(progress))
-            for images, y, idx in batches:
-                images = images.to(device, non_blocking=True)
-                if channels_last and images.dim() == 4:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                f, extra = fn(model, images)
-                feats.append(f.float())
-                if extra is not None:
-                    extras.append(extra.float())
-                labels.append(torch.as_tensor(y, dtype=torch.int64))
-                indices.append(torch.as_tensor(idx, dtype=torch.int64))
+            for load in parts:
+                part, keys = load()
+                indexed = _WithIndex(part)
+                sampler = DistributedSampler(indexed, shuffle=False, drop_last=False) if shared else None
+                loader = DataLoader(indexed, batch_size=batch_size, shuffle=False, sampler=sampler,
+                                    num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
+                for images, y, idx in loader:
+                    images = images.to(device, non_blocking=True)
+                    if channels_last and images.dim() == 4:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    f, extra = fn(model, images)
+                    feats.append(f.float())
+                    if extra is not None:
+                        extras.append(extra.float())
+                    labels.append(torch.as_tensor(y, dtype=torch.int64))
+                    idx = torch.as_tensor(idx, dtype=torch.int64)
+                    indices.append(idx if keys is None else torch.from_numpy(keys)[idx])
+                    bar.update(len(idx) * (dist.world_size() if shared else 1))
     finally:
+        bar.close()
         model.train(was_training)
 
     f = torch.cat(feats)
@@ -182,22 +178,45 @@ def _extract(
     if shared:
         # Gather on the features' device (NCCL needs CUDA tensors), then dedupe by index.
         f, y, i = (dist.all_gather_variable(t) for t in (f, y, i))
-    f, y = _place_by_index(f.cpu(), y.cpu(), i.cpu(), n)
+    f, y = _place_by_index(f.cpu(), y.cpu(), i.cpu(), n, by_id)
     if extras:
         return f[:, :width].contiguous(), y, f[:, width:].contiguous()
     return f, y, None
 
 
+def _parts(dataset: Dataset) -> tuple[list[Callable[[], tuple[Dataset, Any]]], int, bool]:
+    """(loaders of the map-style parts to embed in turn, total rows, whether rows are keyed by id):
+    a map-style set is one part keyed by index (keys None); a webdataset stream one part per
+    non-empty shard, keyed by the samples' ids."""
+    if not isinstance(dataset, IterableDataset):
+        return [lambda: (dataset, None)], len(dataset), False  # type: ignore[arg-type]
+    from fct.data.webdataset import NO_RANDOM_ACCESS, ShardSamples, ShardStream
+
+    if not isinstance(dataset, ShardStream):
+        raise UserError(NO_RANDOM_ACCESS)
+
+    def shard(k: int) -> Callable[[], tuple[Dataset, Any]]:
+        def load() -> tuple[Dataset, Any]:
+            part = ShardSamples(dataset, k)
+            return part, part.ids
+        return load
+
+    counts = dataset.counts
+    return [shard(k) for k in range(len(counts)) if counts[k]], int(sum(counts)), True
+
+
 def _place_by_index(
-    feats: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, n: int
+    feats: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, n: int, by_id: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (M, D) tagged with dataset indices (M,), M >= n with repeats -> (n, D) in index
-    order. Of repeated indices (sampler padding) the first in gathered order is kept."""
+    order. Of repeated indices (sampler padding) the first in gathered order is kept. With
+    ``by_id`` the tags are sample ids (n distinct values, any range) instead of 0..n-1."""
     order = torch.sort(idx, stable=True).indices
     sorted_idx = idx[order]
     first = torch.ones_like(sorted_idx, dtype=torch.bool)
     first[1:] = sorted_idx[1:] != sorted_idx[:-1]
     keep = order[first]
-    if keep.numel() != n or not torch.equal(idx[keep], torch.arange(n)):
-        raise RuntimeError(f"feature gathering lost items: {keep.numel()} distinct indices for {n} items")
+    if keep.numel() != n or not (by_id or torch.equal(idx[keep], torch.arange(n))):
+        what = "the shards' sample ids are not unique, or" if by_id and keep.numel() < n else ""
+        raise RuntimeError(f"feature gathering lost items: {what} {keep.numel()} distinct indices for {n} items")
     return feats[keep].contiguous(), labels[keep].contiguous()
