@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fct.models import load_model_file, read_model_file
+from fct.cli import run_main
 from fct.models.probe import fit_linear_probe, main
 from helpers import one_error_line, run_script, write_backbones
 
@@ -62,7 +63,7 @@ def test_probe_writes_the_model_with_only_its_classifier_fitted(tmp_path, capsys
     ("same", "--out is the input --model"),
     ("kind", "is a 'transformation' model file"),
 ])
-def test_probe_refuses_what_does_not_fit(tmp_path, case, message):
+def test_probe_refuses_what_does_not_fit(tmp_path, capsys, case, message):
     models = write_backbones(tmp_path / "m", (("new", 16, 1),))
     x, y = _blobs()
     if case == "labels":
@@ -81,9 +82,8 @@ def test_probe_refuses_what_does_not_fit(tmp_path, case, message):
         model = tmp_path / "h.pt"
         save_transformation(model, build_transformation(**arch), arch)
     before = model.read_bytes()
-    r = run_script("-m", "fct.models.probe", "--model", str(model), "--features", str(tmp_path / "train.npz"),
-                   "--out", str(out))
-    assert r.returncode == 2 and message in one_error_line(r.stderr), r.stderr
+    code = run_main(main, ["--model", str(model), "--features", str(tmp_path / "train.npz"), "--out", str(out)])
+    assert code == 2 and message in one_error_line(capsys.readouterr().err)
     assert model.read_bytes() == before and (case == "same" or not out.exists())
 
 
@@ -99,8 +99,11 @@ def test_a_config_file_gives_the_same_model_as_the_flags(tmp_path, capsys):
     main(["--config", str(cfg), "--set", f"output_model_path={tmp_path / 'config.pt'}"])
     a, b = (load_model_file(tmp_path / f"{n}.pt").state_dict() for n in ("flags", "config"))
     assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "wrong.pt").exists()
-    r = run_script("-m", "fct.models.probe", "--config", str(cfg), "--model", str(models / "new.pt"))
-    assert r.returncode == 2 and "--config gives the files; drop --model" in one_error_line(r.stderr)
+    capsys.readouterr()
+    assert run_main(main, ["--config", str(cfg), "--model", str(models / "new.pt")]) == 2
+    assert "--config gives the files; drop --model" in one_error_line(capsys.readouterr().err)
     cfg.write_text(cfg.read_text() + "label_smoothing: 1.5\n")
-    r = run_script("-m", "fct.models.probe", "--config", str(cfg))
-    assert r.returncode == 2 and "label_smoothing 1.5: give a value in [0, 1)" in one_error_line(r.stderr)
+    assert run_main(main, ["--config", str(cfg)]) == 2
+    assert "label_smoothing 1.5: give a value in [0, 1)" in one_error_line(capsys.readouterr().err)
+    r = run_script("-m", "fct.models.probe", "--model", str(models / "new.pt"))  # the module runs as a script
+    assert r.returncode == 2 and "give --features (or --config)" in one_error_line(r.stderr)
