@@ -134,7 +134,10 @@ def probing(path: Path, sets: list[str]) -> Prepared:
     cfg = load_config(ProbeConfig, path, sets)
 
     def run(cache: Cache) -> None:
-        probe_from_config(cfg)
+        r = probe_from_config(cfg)
+        val = f", validation top-1 {r['val_top1']:.2f}%" if "val_top1" in r else ""
+        print(f"{cfg.output_model_path}: classifier fitted on {r['features']['rows']} embeddings "
+              f"(training top-1 {r['train_top1']:.2f}%{val})")
 
     return Prepared(cfg, run)
 
