@@ -88,9 +88,10 @@ def test_repo_configs_all_load(repo):
     from fct.config.transformation import TransformationConfig
 
     from fct.config.embed import EmbedConfig
+    from fct.config.probe import ProbeConfig
     from fct.config.wrap import WrapConfig
 
-    kinds = [("embed", EmbedConfig), ("wrap_", WrapConfig), ("matrix", ChainConfig), ("transformation", TransformationConfig), ("posthoc", TransformationConfig),
+    kinds = [("embed", EmbedConfig), ("wrap_", WrapConfig), ("probe_", ProbeConfig), ("matrix", ChainConfig), ("transformation", TransformationConfig), ("posthoc", TransformationConfig),
              ("chain_fct_h", TransformationConfig),
              ("interpolate", InterpolationConfig), ("eval", EvalConfig)]
     for path in sorted((repo / "configs").rglob("*.yaml")):
