@@ -189,16 +189,10 @@ def _pieces(dataset: Any, size: int) -> list[Piece]:
     stream one per non-empty input shard, in the index's order."""
     from torch.utils.data import Subset
 
-    from fct.data.webdataset import ShardSamples, ShardStream
+    from fct.data.webdataset import ShardStream, shard_parts
 
     if isinstance(dataset, ShardStream):
-        def shard(k: int) -> Callable[[], tuple[Any, np.ndarray]]:
-            def load() -> tuple[Any, np.ndarray]:
-                part = ShardSamples(dataset, k)
-                return part, part.ids
-            return load
-
-        return [(c, shard(k)) for k, c in enumerate(dataset.counts) if c > 0]
+        return shard_parts(dataset)  # type: ignore[return-value]
     n = len(dataset)
     ids = split_ids(dataset)
 

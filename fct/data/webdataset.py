@@ -465,6 +465,18 @@ class ShardSamples(Dataset):
         return self.stream._item(self.raw[i])
 
 
+def shard_parts(stream: ShardStream) -> list[tuple[int, Callable[[], tuple[ShardSamples, np.ndarray]]]]:
+    """(row count, loader) of each non-empty shard of ``stream`` in the index's order; a loader
+    reads its shard into memory when called and gives (ShardSamples, the samples' ids)."""
+    def shard(k: int) -> Callable[[], tuple[ShardSamples, np.ndarray]]:
+        def load() -> tuple[ShardSamples, np.ndarray]:
+            part = ShardSamples(stream, k)
+            return part, part.ids
+        return load
+
+    return [(c, shard(k)) for k, c in enumerate(stream.counts) if c > 0]
+
+
 def build_stream(index: Index, split: str, *, augment: bool, num_classes: Optional[int],
                  url_override: Optional[str], url_key: str, shuffle_buffer: int) -> ShardStream:
     """The ShardStream of one split of ``index`` (class subset, transforms, urls resolved)."""

@@ -190,19 +190,12 @@ def _parts(dataset: Dataset) -> tuple[list[Callable[[], tuple[Dataset, Any]]], i
     non-empty shard, keyed by the samples' ids."""
     if not isinstance(dataset, IterableDataset):
         return [lambda: (dataset, None)], len(dataset), False  # type: ignore[arg-type]
-    from fct.data.webdataset import NO_RANDOM_ACCESS, ShardSamples, ShardStream
+    from fct.data.webdataset import NO_RANDOM_ACCESS, ShardStream, shard_parts
 
     if not isinstance(dataset, ShardStream):
         raise UserError(NO_RANDOM_ACCESS)
-
-    def shard(k: int) -> Callable[[], tuple[Dataset, Any]]:
-        def load() -> tuple[Dataset, Any]:
-            part = ShardSamples(dataset, k)
-            return part, part.ids
-        return load
-
-    counts = dataset.counts
-    return [shard(k) for k in range(len(counts)) if counts[k]], int(sum(counts)), True
+    parts = shard_parts(dataset)
+    return [load for _, load in parts], sum(c for c, _ in parts), True
 
 
 def _place_by_index(
