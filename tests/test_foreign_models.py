@@ -371,6 +371,10 @@ def test_pretrained_trunk_with_init_from_bct_backward_maps_and_bcwi(tmp_path, ti
     """A timm trunk from a weight file goes through every training extension: the old model fine-tuned
     from the weights (classes 0..4), a new model initialised from it (init_from, classes 0..9), a BCT
     model and a backward-map model against the old one, and the BCWI sweep between old and new."""
+    from fct.config.interpolation import InterpolationConfig
+    from fct.regression.sweep import run_sweep
+    from fct.training.backbone import train_backbone
+
     _, path = timm_file
     arch = (f"arch_params: {{arch: timm/resnet18, num_classes: 10, embedding_dim: 16, pretrained_path: {path}, "
             "image_size: 16, arch_kwargs: {channels: [8, 16, 32, 64], stem_width: 8}}")
@@ -383,8 +387,7 @@ def test_pretrained_trunk_with_init_from_bct_backward_maps_and_bcwi(tmp_path, ti
             "arch_params: {arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}", arch)
         text = text.replace("num_classes: 5, num_workers", f"num_classes: {classes}, train_fraction: 0.3, num_workers")
         cfg.write_text(text.replace("momentum: 0.9}", "momentum: 0.9, backbone_lr_mult: 0.1}"))
-        r = run_script("train_backbone.py", "--config", str(cfg))
-        assert r.returncode == 0, r.stderr
+        train_backbone(load_config(BackboneConfig, cfg))  # in process: the scripts are tested elsewhere
         return folder / "model.pt"
 
     old = train("old")
@@ -412,8 +415,7 @@ def test_pretrained_trunk_with_init_from_bct_backward_maps_and_bcwi(tmp_path, ti
         output_dir: {tmp_path}/sweep
         runtime: {{progress: false}}
         """))
-    r = run_script("interpolate.py", "--config", str(sweep))
-    assert r.returncode == 0, r.stderr
+    run_sweep(load_config(InterpolationConfig, sweep))
     results = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert results["settings"]["old_num_classes"] == 5 and results["settings"]["new_num_classes"] == 10
     assert {"old", "new"} <= set(results["reference"])
