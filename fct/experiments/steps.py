@@ -129,15 +129,12 @@ def probing(path: Path, sets: list[str]) -> Prepared:
     """A model file whose classifier is fitted on stored embeddings (``python -m fct.models.probe``)."""
     from fct.config import load_config
     from fct.config.probe import ProbeConfig
-    from fct.models.probe import probe_from_config
+    from fct.models.probe import probe, summary_line
 
     cfg = load_config(ProbeConfig, path, sets)
 
     def run(cache: Cache) -> None:
-        r = probe_from_config(cfg)
-        val = f", validation top-1 {r['val_top1']:.2f}%" if "val_top1" in r else ""
-        print(f"{cfg.output_model_path}: classifier fitted on {r['features']['rows']} embeddings "
-              f"(training top-1 {r['train_top1']:.2f}%{val})")
+        print(f"{cfg.output_model_path}: {summary_line(probe(cfg))}")
 
     return Prepared(cfg, run)
 

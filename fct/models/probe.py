@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fct.config.probe import ProbeConfig
 from fct.errors import UserError
 
 
@@ -68,55 +69,59 @@ def _embeddings(path: str, flag: str, dim: int, num_classes: int) -> tuple[torch
     return e.features, e.labels
 
 
-def probe(model_path: str, features_path: str, out: str, *, val_features_path: Optional[str] = None,
-          label_smoothing: float = 0.1, weight_decay: float = 1e-4, steps: int = 100) -> dict[str, Any]:
-    """Fit ``model_path``'s classifier on ``features_path`` and write the model to ``out``; returns
-    the ``probe`` record written into its meta."""
-    from fct.io import file_sha256
-    from fct.models.model_file import load_model_file, read_model_file, save_model_file
+# The command line's names of ProbeConfig's files, for its error messages.
+FLAGS = {"model_path": "--model", "features_path": "--features", "val_features_path": "--val-features",
+         "output_model_path": "--out"}
+
+
+def probe(cfg: ProbeConfig, names: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Fit the classifier of ``cfg.model_path`` on ``cfg.features_path`` and write the model to
+    ``cfg.output_model_path``; returns the ``probe`` record written into its meta. The file is read
+    once and written back with only ``classifier.weight`` replaced (the network is not built).
+    ``names``: what error messages call the config's files (default: their keys; the CLI: FLAGS)."""
+    from fct.io import atomic_torch_save, file_sha256
+    from fct.models.model_file import read_model_file
     from fct.outputs import check_outputs
 
-    if not 0.0 <= label_smoothing < 1.0:
-        raise UserError(f"--label-smoothing {label_smoothing}: give a value in [0, 1)")
-    if weight_decay < 0.0 or steps < 1:
-        raise UserError("--weight-decay must be >= 0 and --steps >= 1")
-    inputs = {"--model": model_path, "--features": features_path}
-    if val_features_path is not None:
-        inputs["--val-features"] = val_features_path
-    check_outputs({"--out": out}, inputs=inputs)
-    raw = read_model_file(model_path)
+    name = (names or {}).get
+    inputs = {name(k, k): getattr(cfg, k) for k in ("model_path", "features_path", "val_features_path")
+              if getattr(cfg, k) is not None}
+    check_outputs({name("output_model_path", "output_model_path"): cfg.output_model_path}, inputs=inputs)
+    model = f"{name('model_path', 'model_path')} {cfg.model_path}"
+    raw = read_model_file(cfg.model_path)
     if raw["kind"] != "backbone":
-        raise UserError(f"--model {model_path} is a {raw['kind']!r} model file; a probe fits a backbone's classifier")
-    model = load_model_file(model_path)
-    classifier = getattr(model, "classifier", None)
-    if not isinstance(classifier, torch.nn.Linear) or classifier.bias is not None:
-        raise UserError(f"--model {model_path} has no bias-free linear classifier to fit")
-    num_classes, dim = classifier.weight.shape
-    x, y = _embeddings(features_path, "--features", dim, num_classes)
-    weight = fit_linear_probe(x, y, num_classes, label_smoothing=label_smoothing, weight_decay=weight_decay,
-                              steps=steps)
-    with torch.no_grad():
-        classifier.weight.copy_(weight)
+        raise UserError(f"{model} is a {raw['kind']!r} model file; a probe fits a backbone's classifier")
+    state = raw["state_dict"]
+    current = state.get("classifier.weight")
+    if not isinstance(current, torch.Tensor) or current.ndim != 2 or "classifier.bias" in state:
+        raise UserError(f"{model} has no bias-free linear classifier to fit")
+    num_classes, dim = current.shape
+    x, y = _embeddings(cfg.features_path, name("features_path", "features_path"), dim, num_classes)
+    weight = fit_linear_probe(x, y, num_classes, label_smoothing=cfg.label_smoothing,
+                              weight_decay=cfg.weight_decay, steps=cfg.steps).to(current.dtype)
+
     def source(path: str, rows: int) -> dict[str, Any]:  # a features folder (fct.embed shards) has no one hash
         return {"path": str(path), "rows": rows, **({"sha256": file_sha256(path)} if os.path.isfile(path) else {})}
 
     record: dict[str, Any] = {
-        "features": source(features_path, len(y)),
-        "label_smoothing": label_smoothing, "weight_decay": weight_decay, "steps": steps,
+        "features": source(cfg.features_path, len(y)),
+        "label_smoothing": cfg.label_smoothing, "weight_decay": cfg.weight_decay, "steps": cfg.steps,
         "train_top1": round(_accuracy(weight, x, y), 4)}
-    if val_features_path is not None:
-        vx, vy = _embeddings(val_features_path, "--val-features", dim, num_classes)
-        record["val_features"] = source(val_features_path, len(vy))
+    if cfg.val_features_path is not None:
+        vx, vy = _embeddings(cfg.val_features_path, name("val_features_path", "val_features_path"), dim,
+                             num_classes)
+        record["val_features"] = source(cfg.val_features_path, len(vy))
         record["val_top1"] = round(_accuracy(weight, vx, vy), 4)
-    save_model_file(out, model, kind="backbone", arch_params=raw["arch_params"],
-                    meta={**raw["meta"], "probe": record})
+    atomic_torch_save({**raw, "state_dict": {**state, "classifier.weight": weight},
+                       "meta": {**raw["meta"], "probe": record}}, cfg.output_model_path)
     return record
 
 
-def probe_from_config(cfg: Any) -> dict[str, Any]:
-    """:func:`probe` with the settings of a :class:`fct.config.probe.ProbeConfig`."""
-    return probe(cfg.model_path, cfg.features_path, cfg.output_model_path, val_features_path=cfg.val_features_path,
-                 label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay, steps=cfg.steps)
+def summary_line(record: dict[str, Any]) -> str:
+    """What a probe run prints: rows fitted on, training and validation top-1."""
+    val = f", validation top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""
+    return (f"classifier fitted on {record['features']['rows']} embeddings (training top-1 "
+            f"{record['train_top1']:.2f}%{val})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,25 +141,22 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    if args.config:
-        from fct.config import load_config
-        from fct.config.probe import ProbeConfig
+    from fct.config import load_config
 
+    if args.config:
         given = [f for f in ("model", "features", "val_features", "out") if getattr(args, f) is not None]
         if given:
             raise UserError(f"--config gives the files; drop --{given[0].replace('_', '-')} (or use --set)")
         cfg = load_config(ProbeConfig, args.config, args.set)
-        record, out = probe_from_config(cfg), cfg.output_model_path
     else:
         missing = [f for f in ("model", "features", "out") if getattr(args, f) is None]
         if missing or args.set:
             raise UserError(f"give --{missing[0]} (or --config)" if missing else "--set needs --config")
-        record, out = probe(args.model, args.features, args.out, val_features_path=args.val_features,
-                            label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
-                            steps=args.steps), args.out
-    val = f", validation top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""
-    print(f"classifier fitted on {record['features']['rows']} embeddings: training top-1 "
-          f"{record['train_top1']:.2f}%{val}; model written to {out}")
+        cfg = ProbeConfig(model_path=args.model, features_path=args.features, output_model_path=args.out,
+                          val_features_path=args.val_features, label_smoothing=args.label_smoothing,
+                          weight_decay=args.weight_decay, steps=args.steps)
+    record = probe(cfg, None if args.config else FLAGS)
+    print(f"{cfg.output_model_path}: {summary_line(record)}")
     return record
 
 

@@ -210,6 +210,6 @@ def _place_by_index(
     first[1:] = sorted_idx[1:] != sorted_idx[:-1]
     keep = order[first]
     if keep.numel() != n or not (by_id or torch.equal(idx[keep], torch.arange(n))):
-        what = "the shards' sample ids are not unique, or" if by_id and keep.numel() < n else ""
-        raise RuntimeError(f"feature gathering lost items: {what} {keep.numel()} distinct indices for {n} items")
+        hint = " (are the shards' sample ids unique?)" if by_id else ""
+        raise RuntimeError(f"feature gathering lost items: {keep.numel()} distinct indices for {n} items{hint}")
     return feats[keep].contiguous(), labels[keep].contiguous()
