@@ -28,31 +28,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fct.config.samples import digits_backbone_config  # noqa: E402
 
 
 def write_config(folder: Path, epochs: int, num_classes: int, batch: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(f"""\
-        arch_params: {{arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}}
-        optimizer_params: {{algorithm: sgd, lr: 0.1, weight_decay: 0.0005, momentum: 0.9}}
-        dataset_params: {{name: digits, num_classes: {num_classes}, num_workers: 0, batch_size: {batch}}}
-        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 1}}
-        epochs: {epochs}
-        label_smoothing: 0.1
-        seed: 3
-        output_model_path: {folder}/model.pt
-        output_dir: {folder}/run
-        runtime: {{progress: false, tensorboard: false}}
-        """)
-    p = folder / "backbone.yaml"
-    p.write_text(text)
-    return p
+    return digits_backbone_config(folder, epochs=epochs, num_classes=num_classes, batch=batch)
 
 
 def free_port() -> int:

@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fct.config import samples
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -52,22 +54,9 @@ def write_backbones(folder: Path, specs: Sequence[tuple[str, int, int]] = (("old
 
 def digits_backbone_config(folder: Path, epochs: int = 2, extra: str = "", name: str = "backbone.yaml",
                            tensorboard: bool = False) -> Path:
-    """A train_backbone.py config on the embedded digits data: model.pt and run/ in ``folder``."""
-    text = textwrap.dedent(f"""\
-        arch_params: {{arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}}
-        optimizer_params: {{algorithm: sgd, lr: 0.1, weight_decay: 0.0005, momentum: 0.9}}
-        dataset_params: {{name: digits, num_classes: 5, num_workers: 0, batch_size: 64}}
-        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 1}}
-        epochs: {epochs}
-        label_smoothing: 0.1
-        seed: 3
-        output_model_path: {folder}/model.pt
-        output_dir: {folder}/run
-        runtime: {{progress: false, tensorboard: {str(tensorboard).lower()}}}
-        """) + extra
-    p = folder / name
-    p.write_text(text)
-    return p
+    """A train_backbone.py config on the first 5 digits: model.pt and run/ in ``folder``."""
+    return samples.digits_backbone_config(folder, epochs=epochs, num_classes=5, extra=extra, name=name,
+                                          runtime={"tensorboard": tensorboard})
 
 
 def digits_transformation_config(folder: Path, models: Path, epochs: int = 2, extra: str = "",

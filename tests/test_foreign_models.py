@@ -285,9 +285,9 @@ def test_wrap_cli_and_eval_on_digits(tmp_path, timm_file):
     assert bad.returncode == 2 and "shape mismatch" in one_error_line(bad.stderr)
     cfg = tmp_path / "bb.yaml"
     cfg.write_text(textwrap.dedent(f"""\
-        arch_params: {{arch: timm/resnet18, num_classes: 10, pretrained_path: {path},
+        arch_params: {{arch: timm/resnet18, num_classes: 10, pretrained_path: {path}, image_size: 32,
                        arch_kwargs: {{channels: [8, 16, 32, 64], stem_width: 8}}}}
-        """))
+        """))  # 32 px, not timm's 224: the default size is checked in the tests above (30 s -> a few)
     r = run_script("-m", "fct.models.wrap", "--config", str(cfg), "--out", str(tmp_path / "old.pt"))
     assert r.returncode == 0, r.stderr
     ev = tmp_path / "eval.yaml"

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from fct.config.samples import digits_backbone_config
 from fct.gpu_check.plan import REPO
 from fct.gpu_check.processes import run_command
 from fct.gpu_check.results import Result, SectionContext, failed, ok, skipped, table
@@ -61,23 +61,8 @@ def global_batch(sizes: Sequence[int], base: int = BASE_BATCH) -> int:
 
 
 def digits_config(folder: Path, *, epochs: int, batch: int, device: str, sync_batchnorm: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(f"""\
-        arch_params: {{arch: CifarResNet20, num_classes: 10, embedding_dim: 16, last_nonlin: true}}
-        optimizer_params: {{algorithm: sgd, lr: 0.02, weight_decay: 0.0005, momentum: 0.9}}
-        dataset_params: {{name: digits, num_classes: 10, num_workers: 0, batch_size: {batch}}}
-        lr_policy_params: {{algorithm: cosine_lr, warmup_length: 1}}
-        epochs: {epochs}
-        label_smoothing: 0.1
-        seed: 3
-        output_model_path: {folder}/model.pt
-        output_dir: {folder}/run
-        runtime: {{device: {device}, precision: fp32, deterministic: true,
-                   sync_batchnorm: {str(sync_batchnorm).lower()}, progress: false, tensorboard: false}}
-        """)
-    path = folder / "backbone.yaml"
-    path.write_text(text)
-    return path
+    return digits_backbone_config(folder, epochs=epochs, batch=batch, lr=0.02, runtime={
+        "device": device, "precision": "fp32", "deterministic": True, "sync_batchnorm": sync_batchnorm})
 
 
 # TF32 off in cuBLAS and cuDNN, deterministic cuBLAS workspaces, one CPU thread per process.
