@@ -3,6 +3,10 @@ tiny model files and config writers."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import io
 import os
 import socket
 import subprocess
@@ -22,6 +26,44 @@ def run_script(*args: str, cwd: Optional[os.PathLike] = None, env_extra: Optiona
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([*prefix, sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Optional[os.PathLike] = None, env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` (a script of the repo root, or ``-m MODULE``) run in this process, as its
+    ``__main__`` runs it: its ``main`` through ``fct.cli.run_main``, stdout and stderr captured.
+
+    For the tests of refusals, which end before any work: no interpreter and no torch import to
+    start (about 4 s each here). What a real process adds stays tested: test_hostile.py checks that
+    every entry point's ``__main__`` hands run_main's status to sys.exit, and test_train.py's
+    refusals run as real processes. An exception that ``run_main`` lets through (a traceback in a
+    real process) propagates to the test."""
+    from fct.cli import run_main
+
+    if args[0] == "-m":
+        module, rest = importlib.import_module(args[1]), args[2:]
+    else:
+        spec = importlib.util.spec_from_file_location(f"_script_{Path(args[0]).stem}", REPO / args[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rest = args[1:]
+    out, err = io.StringIO(), io.StringIO()
+    here, saved = os.getcwd(), {k: os.environ.get(k) for k in env_extra or {}}
+    os.chdir(cwd or REPO)
+    os.environ.update(env_extra or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = run_main(module.main, list(rest))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([sys.executable, *args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

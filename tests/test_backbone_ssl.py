@@ -12,7 +12,7 @@ from fct.config import BackboneConfig, load_config
 from fct.errors import UserError
 from fct.models import build_backbone, load_model_file, read_model_file, save_model_file
 from fct.training.backbone import apply_init_from
-from helpers import REPO, free_port, run_script
+from helpers import REPO, free_port, run_cli, run_script
 
 
 def ssl_config(tmp_path, epochs=2, extra=""):
@@ -61,9 +61,9 @@ def assert_user_error(r, *fragments):
 @pytest.mark.slow
 def test_bad_ssl_settings_exit_2(tmp_path):
     cfg = ssl_config(tmp_path)
-    r = run_script("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.temperature=0")
+    r = run_cli("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.temperature=0")
     assert_user_error(r, "ssl_params.temperature must be > 0")
-    r = run_script("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.method=byol")
+    r = run_cli("train_backbone.py", "--config", str(cfg), "--set", "ssl_params.method=byol")
     assert_user_error(r, "ssl_params.method", "'simclr'")
 
 
@@ -192,9 +192,9 @@ def test_apply_init_from_refuses_mismatches(tmp_path):
 def test_init_from_script_errors_exit_2(tmp_path):
     _save(tmp_path / "old.pt", embedding_dim=32)
     cfg = supervised_config(tmp_path)
-    r = run_script("train_backbone.py", "--config", str(cfg), "--set", f"init_from={tmp_path}/old.pt")
+    r = run_cli("train_backbone.py", "--config", str(cfg), "--set", f"init_from={tmp_path}/old.pt")
     assert_user_error(r, "layer3.2.conv1.weight has shape (32, 64, 3, 3)", "(16, 64, 3, 3) in the model")
-    r = run_script("train_backbone.py", "--config", str(cfg), "--set", f"init_from={tmp_path}/missing.pt")
+    r = run_cli("train_backbone.py", "--config", str(cfg), "--set", f"init_from={tmp_path}/missing.pt")
     assert_user_error(r, f"{tmp_path}/missing.pt does not exist")
 
 

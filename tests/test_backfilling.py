@@ -17,7 +17,7 @@ from fct.retrieval.backfilling import (
     backfilling_curves,
     curve_points,
 )
-from helpers import run_script
+from helpers import run_cli, run_script
 
 
 # 1-D hand-worked gallery: labels 0, 0, 1, 1; new features 0, 1, 10, 11. Under h(old) item 1
@@ -173,14 +173,14 @@ def test_eval_script_writes_json_npy_and_plot(tmp_path):
 @pytest.mark.slow
 def test_sigma_without_uncertainty_is_a_user_error(tmp_path):
     write_features(tmp_path, with_uncertainty=False)
-    r = run_script("eval.py", "--config", str(eval_yaml(tmp_path, "[random, sigma]")))
+    r = run_cli("eval.py", "--config", str(eval_yaml(tmp_path, "[random, sigma]")))
     assert r.returncode == 2 and "sigma" in r.stderr and "h_old.npz" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_unknown_ordering_is_a_user_error(tmp_path):
     write_features(tmp_path, with_uncertainty=False)
-    r = run_script("eval.py", "--config", str(eval_yaml(tmp_path, "[randm]")))
+    r = run_cli("eval.py", "--config", str(eval_yaml(tmp_path, "[randm]")))
     assert r.returncode == 2 and "did you mean random" in r.stderr
 
 
@@ -213,7 +213,7 @@ def test_backfilling_outputs_are_checked_before_any_work(tmp_path, extra, fragme
                    f"results_path: {tmp_path}/res.json\nruntime: {{progress: false}}\n"
                    + extra.format(d=tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.npz")}
-    r = run_script("eval.py", "--config", str(cfg))
+    r = run_cli("eval.py", "--config", str(cfg))
     assert r.returncode == 2, r.stderr
     assert fragment.format(d=tmp_path) in _one_error_line(r.stderr)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.npz")} == before

@@ -27,7 +27,7 @@ from fct.training.compat_losses import (
     old_classifier_rows,
     synthesised_rows_from,
 )
-from helpers import REPO, run_script
+from helpers import REPO, run_cli, run_script
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False,
               params=RuntimeParams(device="cpu", progress=False, tensorboard=False))
@@ -313,13 +313,13 @@ def test_backward_run_resumes_to_identical_weights(tmp_path, killed_after_first_
 @pytest.mark.slow
 def test_compat_errors_exit_2(tmp_path):
     save_backbone(tmp_path / "v1.pt", dim=16)
-    r = run_script("train_backbone.py", "--config", str(base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/nope.pt}}\n")))
+    r = run_cli("train_backbone.py", "--config", str(base_yaml(tmp_path, f"bct_params: {{old_model_path: {tmp_path}/nope.pt}}\n")))
     assert_user_error(r, "bct_params.old_model_path", "nope.pt does not exist")
     b = build_backward_map(12, 16)  # the wrong way round: it must map v1 (16-d) to v0 (12-d)
     save_transformation(tmp_path / "B1.pt", b, b.arch_params())
     save_backbone(tmp_path / "v0.pt", dim=12)
     extra = (f"backward_params: {{previous_model_paths: [{tmp_path}/v1.pt, {tmp_path}/v0.pt], "
              f"previous_map_paths: [{tmp_path}/B1.pt], output_map_path: {tmp_path}/B2.pt}}\n")
-    r = run_script("train_backbone.py", "--config", str(base_yaml(tmp_path, extra)))
+    r = run_cli("train_backbone.py", "--config", str(base_yaml(tmp_path, extra)))
     assert_user_error(r, "backward_params.previous_map_paths[0]", "maps 12-d to 16-d")
     # (the embedding-width check of bct_params and the map count are covered in process above)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import one_error_line, run_script, write_backbones
+from helpers import one_error_line, run_cli, run_script, write_backbones
 
 from fct.config import DatasetParams, load_config
 from fct.config.embed import EmbedConfig
@@ -91,9 +91,9 @@ def test_embed_user_errors(tmp_path):
     cfg = tmp_path / "e.yaml"
     cfg.write_text(f"model_path: {tmp_path}/none.pt\noutput_path: {tmp_path}/f.npz\n"
                    "dataset_params: {name: digits, num_workers: 0}\n")
-    r = run_script("-m", "fct.embed", "--config", str(cfg))
+    r = run_cli("-m", "fct.embed", "--config", str(cfg))
     assert r.returncode == 2 and "none.pt does not exist" in one_error_line(r.stderr)
-    r = run_script("-m", "fct.embed", "--config", str(cfg), "--set", f"output_path={models}/old.pt")
+    r = run_cli("-m", "fct.embed", "--config", str(cfg), "--set", f"output_path={models}/old.pt")
     assert r.returncode == 2 and "output_path" in one_error_line(r.stderr)
 
 

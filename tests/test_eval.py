@@ -11,7 +11,7 @@ from fct.config import EvalConfig, load_config
 from fct.evaluate import evaluate
 from fct.models import build_backbone, save_model_file
 from fct.retrieval.reference import naive_retrieval_metrics
-from helpers import free_port, run_script
+from helpers import free_port, run_cli, run_script
 
 
 
@@ -123,7 +123,7 @@ DIGITS_FMT = DIGITS.replace("{", "{{").replace("}", "}}")
 def test_eval_user_errors_exit_2(tmp_path, models, body, fragment):
     np.savez(tmp_path / "bad.npz", features=np.zeros((3, 2), np.float32))
     cfg = eval_cfg(tmp_path, body.format(d=tmp_path, a=models["a"], c=models["c"]))
-    r = run_script("eval.py", "--config", str(cfg))
+    r = run_cli("eval.py", "--config", str(cfg))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and fragment in r.stderr, r.stderr
 
@@ -194,7 +194,7 @@ def test_eval_refuses_an_output_that_is_an_input(tmp_path, models, target, fragm
     cfg = eval_cfg(tmp_path, body + f"results_path: {results}\n")
     guarded = [tmp_path / "f.npz", models["a"], models["b"], cfg]
     before = [p.read_bytes() for p in guarded]
-    r = run_script("eval.py", "--config", str(cfg))
+    r = run_cli("eval.py", "--config", str(cfg))
     assert r.returncode == 2, r.stderr
     assert fragment in _one_line(r.stderr, "error:")
     assert [p.read_bytes() for p in guarded] == before

@@ -16,7 +16,7 @@ from fct.errors import RunError, UserError
 from fct.export import export_model, needs_side_input
 from fct.models import build_backbone, save_model_file, save_transformation, save_transformed_old_model
 from fct.transformations import build_transformation
-from helpers import one_error_line, run_script
+from helpers import one_error_line, run_cli, run_script
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
@@ -216,7 +216,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path) -> None:
     cases = [("missing.pt", "out.onnx", "does not exist"), ("old.pt", "out.onnx", "kind 'backbone'"),
              ("notes.txt", "out.onnx", "not a model file"), ("h.pt", "h.pt", "would destroy the input")]
     for model, out, message in cases:
-        result = run_script("-m", "fct.export", "--model", str(tmp_path / model), "--format", "onnx",
+        result = run_cli("-m", "fct.export", "--model", str(tmp_path / model), "--format", "onnx",
                             "--out", str(tmp_path / out))
         assert result.returncode == 2, result.stderr
         assert message in one_error_line(result.stderr)

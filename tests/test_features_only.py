@@ -19,7 +19,7 @@ from fct.config.transformation import TransformationConfig
 from fct.errors import ConfigError, UserError
 from fct.models import load_model_file, read_model_file
 from fct.retrieval.embeddings import FeatureFile, pair_feature_files, read_feature_file
-from helpers import one_error_line, run_script, write_backbones
+from helpers import one_error_line, run_cli, run_script, write_backbones
 
 SPECS = (("old", 16, 0), ("new", 24, 1), ("side", 8, 2))
 
@@ -356,7 +356,7 @@ def test_script_trains_and_evaluates_without_any_model(tmp_path):
     np.savez(tmp_path / "f" / "new.npz", features=np.zeros((5, 24), np.float32), labels=np.zeros(5, np.int64),
              ids=np.arange(5))
     (tmp_path / "run").rename(tmp_path / "run_done")
-    r = run_script("train_transformation.py", "--config", str(cfg))
+    r = run_cli("train_transformation.py", "--config", str(cfg))
     assert r.returncode == 2
     line = one_error_line(r.stderr)
     assert f"{tmp_path}/f/old.npz and {tmp_path}/f/new.npz: 160 vs 5 rows" in line, line

@@ -279,6 +279,25 @@ def test_bad_input_is_one_line_and_exit_2(row: Row, world: Path, tmp_path: Path,
     assert snapshot(*(world / g for g in row.guarded)) == before
 
 
+ENTRY_POINTS = ["train_backbone.py", "train_transformation.py", "eval.py", "interpolate.py", "compat.py",
+                "fct/embed.py", "fct/export.py", "fct/models/wrap.py", "fct/models/probe.py",
+                "fct/compat/convert.py", "fct/experiments/__main__.py", "fct/gpu_check/__main__.py"]
+
+
+def test_every_entry_point_exits_with_run_mains_status() -> None:
+    """The tests of refusals call ``run_main(main, argv)`` in process (tests/helpers.run_cli); a real
+    process adds only its ``__main__`` block, which must hand run_main's status to sys.exit. One
+    real process is checked end to end in test_train.py (test_user_errors_exit_2)."""
+    for path in ENTRY_POINTS:
+        text = (REPO / path).read_text()
+        block = [line.strip() for line in text[text.rindex('\nif __name__ == "__main__":'):].splitlines() if line.strip()]
+        assert block[0] == 'if __name__ == "__main__":' and block[-1] == "sys.exit(run_main(main))", path
+        assert set(block[1:-1]) <= {"from fct.cli import run_main"}, path
+    found = {str(p.relative_to(REPO)) for p in [*REPO.glob("*.py"), *(REPO / "fct").rglob("*.py")]
+             if "sys.exit(run_main(main" in p.read_text()}
+    assert found == set(ENTRY_POINTS)
+
+
 def test_an_unforeseen_file_system_refusal_is_one_line(capsys) -> None:
     from fct.cli import run_main
 

@@ -18,7 +18,7 @@ from torch import nn
 from fct.models import build_backbone, save_model_file
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
-from helpers import run_script
+from helpers import run_cli, run_script
 
 
 def assert_user_error(r: subprocess.CompletedProcess, expected: str) -> None:
@@ -66,7 +66,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------- item 5
 def test_empty_val_npz_names_the_file(tmp_path: Path) -> None:
     root = write_npz(tmp_path / "data", np.arange(20) % 5, np.zeros(0))
-    r = run_script("train_backbone.py", "--config", str(backbone_config(tmp_path, root)),
+    r = run_cli("train_backbone.py", "--config", str(backbone_config(tmp_path, root)),
                    env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{root}/val.npz holds no images (the val split is empty)")
 
@@ -76,7 +76,7 @@ def test_empty_val_npz_names_the_file(tmp_path: Path) -> None:
 def test_num_classes_below_every_label_names_file_key_and_range(tmp_path: Path) -> None:
     root = write_npz(tmp_path / "data", 1000 + np.arange(100), 1000 + np.arange(20))
     cfg = backbone_config(tmp_path, root, extra=", num_classes: 10")
-    r = run_script("train_backbone.py", "--config", str(cfg), "--set", "dataset_params.batch_size=64",
+    r = run_cli("train_backbone.py", "--config", str(cfg), "--set", "dataset_params.batch_size=64",
                    env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"dataset_params.num_classes=10 keeps no image of {root}/train.npz: "
                          "its labels run from 1000 to 1099")
@@ -93,7 +93,7 @@ def test_eval_with_an_unrelated_torchscript_gallery_model(tmp_path: Path, models
         eval_params: {{verbose: false}}
         runtime: {{progress: false}}
         """))
-    r = run_script("eval.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_cli("eval.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{models['unrelated']} does not take the data's images: on a batch of shape "
                          "(2, 3, 8, 8) it fails with RuntimeError: mat1 and mat2 shapes cannot be multiplied")
 
@@ -117,7 +117,7 @@ def test_train_transformation_with_an_unrelated_torchscript_old_model(tmp_path: 
         output_dir: {tmp_path}/run
         runtime: {{progress: false, tensorboard: false}}
         """))
-    r = run_script("train_transformation.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_cli("train_transformation.py", "--config", str(cfg), env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{models['unrelated']} does not take the data's images: "
                          "on a batch of shape (2, 3, 8, 8)")
 

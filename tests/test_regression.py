@@ -29,7 +29,7 @@ from fct.retrieval.engine import rank_queries
 from fct.runtime import make_runtime
 
 ARCH = {"arch": "CifarResNet20", "num_classes": 10, "embedding_dim": 16, "last_nonlin": True}
-from helpers import run_script
+from helpers import run_cli, run_script
 
 
 # ------------------------------------------------------------------------------------- flips
@@ -308,7 +308,7 @@ def test_interpolation_config_errors(tiny_models, tmp_path):
             "name": "webdataset", "data_root": str(tmp_path)}))
     p = tmp_path / "bad.yaml"
     p.write_text(json.dumps({**sweep_cfg(tiny_models, tmp_path), "alpha": [0.5]}))
-    r = run_script("interpolate.py", "--config", str(p))
+    r = run_cli("interpolate.py", "--config", str(p))
     assert r.returncode == 2 and "alpha" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -366,7 +366,7 @@ def test_interpolate_refuses_outputs_that_are_inputs(tiny_models, tmp_path, case
     cfg.write_text(json.dumps(body))
     guarded = [old, tiny_models / "old.pt", tiny_models / "new1.pt", cfg]
     before = [p.read_bytes() for p in guarded]
-    r = run_script("interpolate.py", "--config", str(cfg))
+    r = run_cli("interpolate.py", "--config", str(cfg))
     assert r.returncode == 2, r.stderr
     assert fragment in _one_error_line(r.stderr)
     assert [p.read_bytes() for p in guarded] == before
@@ -412,7 +412,7 @@ def test_damaged_cache_files_are_one_line_errors(tiny_models, tmp_path, cache):
     cfg.write_text(json.dumps(sweep_cfg(tiny_models, out, methods=["fisher"], alphas=[0.5],
                                         batchnorm={"recompute": False})))
     before = path.read_bytes()
-    r = run_script("interpolate.py", "--config", str(cfg))
+    r = run_cli("interpolate.py", "--config", str(cfg))
     assert r.returncode == 2, r.stderr
     line = _one_error_line(r.stderr)
     assert str(path) in line and "delete it" in line, line

@@ -10,7 +10,7 @@ from fct.config import load_config
 from fct.config.transformation import TransformationConfig
 from fct.errors import UserError
 from fct.models import build_backbone, load_model_file, read_model_file, save_model_file
-from helpers import run_script
+from helpers import run_cli, run_script
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_cache_is_reused(tmp_path, backbones, monkeypatch):
 @pytest.mark.slow
 def test_dimension_mismatch_is_a_user_error(tmp_path, backbones):
     cfg = config(tmp_path, backbones)
-    r = run_script("train_transformation.py", "--config", str(cfg), "--set", "arch_params.new_embedding_dim=32")
+    r = run_cli("train_transformation.py", "--config", str(cfg), "--set", "arch_params.new_embedding_dim=32")
     assert r.returncode == 2 and "new_embedding_dim=32" in r.stderr and "Traceback" not in r.stderr, r.stderr
     cfg.write_text(cfg.read_text().replace(f"{backbones}/old.pt", f"{tmp_path}/missing.pt"))
     with pytest.raises(UserError, match="missing.pt"):
