@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
+from unittest import mock
 
 from fct.config import samples
 
@@ -28,7 +29,8 @@ def run_script(*args: str, cwd: Optional[os.PathLike] = None, env_extra: Optiona
                           text=True, timeout=timeout)
 
 
-def run_cli(*args: str, cwd: Optional[os.PathLike] = None, env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Optional[os.PathLike] = None,
+            env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
     """``python ARGS`` (a script of the repo root, or ``-m MODULE``) run in this process, as its
     ``__main__`` runs it: its ``main`` through ``fct.cli.run_main``, stdout and stderr captured.
 
@@ -47,22 +49,16 @@ def run_cli(*args: str, cwd: Optional[os.PathLike] = None, env_extra: Optional[d
         spec.loader.exec_module(module)
         rest = args[1:]
     out, err = io.StringIO(), io.StringIO()
-    here, saved = os.getcwd(), {k: os.environ.get(k) for k in env_extra or {}}
-    os.chdir(cwd or REPO)
-    os.environ.update(env_extra or {})
+    here = os.getcwd()
+    os.chdir(cwd or REPO)  # (contextlib.chdir needs Python 3.11)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = run_main(module.main, list(rest))
-            except SystemExit as e:  # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        with mock.patch.dict(os.environ, env_extra or {}), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            code = run_main(module.main, list(rest))
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         os.chdir(here)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return subprocess.CompletedProcess([sys.executable, *args], code, out.getvalue(), err.getvalue())
 
 

@@ -30,6 +30,7 @@ from helpers import (
     digits_transformation_config,
     free_port,
     one_error_line,
+    run_cli,
     run_script,
     snapshot,
     write_backbones,
@@ -287,7 +288,8 @@ ENTRY_POINTS = ["train_backbone.py", "train_transformation.py", "eval.py", "inte
 def test_every_entry_point_exits_with_run_mains_status() -> None:
     """The tests of refusals call ``run_main(main, argv)`` in process (tests/helpers.run_cli); a real
     process adds only its ``__main__`` block, which must hand run_main's status to sys.exit. One
-    real process is checked end to end in test_train.py (test_user_errors_exit_2)."""
+    real process is checked end to end in test_train.py (test_user_errors_exit_2), and the tests
+    below that need one (locks, permissions, concurrent runs) run real processes."""
     for path in ENTRY_POINTS:
         text = (REPO / path).read_text()
         block = [line.strip() for line in text[text.rindex('\nif __name__ == "__main__":'):].splitlines() if line.strip()]
@@ -329,7 +331,7 @@ def test_refused_resume_leaves_config_yaml_untouched(tmp_path, killed_after_firs
         tb.train_backbone(load_config(BackboneConfig, cfg))
     run = tmp_path / "run"
     before = snapshot(run)
-    r = run_script("train_backbone.py", "--config", str(cfg), "--set", "optimizer_params.lr=0.05",
+    r = run_cli("train_backbone.py", "--config", str(cfg), "--set", "optimizer_params.lr=0.05",
                    "--set", "arch_params.embedding_dim=32")
     assert r.returncode == 2
     line = one_error_line(r.stderr)
@@ -341,10 +343,10 @@ def test_refused_resume_leaves_config_yaml_untouched(tmp_path, killed_after_firs
 def test_refused_transformation_resume_leaves_config_yaml_untouched(tmp_path):
     models = write_backbones(tmp_path / "models")
     cfg = digits_transformation_config(tmp_path, models, epochs=1)
-    assert run_script("train_transformation.py", "--config", str(cfg)).returncode == 0
+    assert run_cli("train_transformation.py", "--config", str(cfg)).returncode == 0
     run = tmp_path / "run"
     before = snapshot(run)
-    r = run_script("train_transformation.py", "--config", str(cfg), "--set", "optimizer_params.lr=0.01",
+    r = run_cli("train_transformation.py", "--config", str(cfg), "--set", "optimizer_params.lr=0.01",
                    "--set", "arch_params.inner_dim=8", "--set", "seed=1")
     assert r.returncode == 2
     assert "arch_params.inner_dim, optimizer_params.lr, seed changed" in one_error_line(r.stderr)
@@ -410,7 +412,7 @@ def test_transformation_output_equal_to_old_model_keeps_the_old_model(tmp_path):
     models = write_backbones(tmp_path / "models")
     cfg = digits_transformation_config(tmp_path, models, epochs=1)
     before = snapshot(models)
-    r = run_script("train_transformation.py", "--config", str(cfg),
+    r = run_cli("train_transformation.py", "--config", str(cfg),
                    "--set", f"output_transformation_path={models}/old.pt")
     assert r.returncode == 2
     assert "output_transformation_path is the input old_model_path" in one_error_line(r.stderr)
@@ -567,7 +569,7 @@ def test_stale_temp_files_are_removed_on_start(tmp_path):
         p.write_bytes(b"half a file")
     unrelated = tmp_path / ".other.pt.abc.tmp"  # not this run's output: left alone
     unrelated.write_bytes(b"someone else's")
-    r = run_script("train_backbone.py", "--config", str(cfg))
+    r = run_cli("train_backbone.py", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert not any(p.exists() for p in stale)
     assert unrelated.exists()

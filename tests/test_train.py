@@ -10,7 +10,7 @@ from torch import nn
 from fct.config import BackboneConfig, load_config
 from fct.errors import RunError, UserError
 from fct.models import load_model_file, read_model_file
-from helpers import digits_backbone_config as digits_config, free_port, run_script
+from helpers import digits_backbone_config as digits_config, free_port, run_cli, run_script
 
 
 
@@ -40,15 +40,16 @@ def test_train_backbone_script_one_epoch(tmp_path):
 
 @pytest.mark.slow
 def test_user_errors_exit_2(tmp_path):
+    """The first refusal as a real process (its exit status), the others in process (tests/helpers.run_cli)."""
     cfg = digits_config(tmp_path, epochs=1)
-    for args, fragment in [
-        (["--config", str(tmp_path / "missing.yaml")], "config file not found"),
-        (["--config", str(cfg), "--set", "optimizer_params.lrr=1"], "optimizer_params.lrr"),
-        (["--config", str(cfg), "--set", "dataset_params.name=cifar100",
-          "--set", f"dataset_params.data_root={tmp_path}/nothing"], "nothing"),
-        (["--config", str(cfg), "--set", "arch_params.arch=ResNet5"], "ResNet50"),
+    for run, args, fragment in [
+        (run_script, ["--config", str(tmp_path / "missing.yaml")], "config file not found"),
+        (run_cli, ["--config", str(cfg), "--set", "optimizer_params.lrr=1"], "optimizer_params.lrr"),
+        (run_cli, ["--config", str(cfg), "--set", "dataset_params.name=cifar100",
+                   "--set", f"dataset_params.data_root={tmp_path}/nothing"], "nothing"),
+        (run_cli, ["--config", str(cfg), "--set", "arch_params.arch=ResNet5"], "ResNet50"),
     ]:
-        r = run_script("train_backbone.py", *args)
+        r = run("train_backbone.py", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and fragment in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
