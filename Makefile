@@ -20,13 +20,14 @@ $(STAMP): requirements.txt pyproject.toml
 quickstart: $(STAMP)
 	$(PY) -m fct.experiments quickstart
 
-# One pytest worker per core (pytest-xdist), a test module per worker at a time.
+# One pytest worker per core (pytest-xdist), one thread each (tests/conftest.py); a worker that runs
+# out of tests takes some of the other's.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadscope tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # The edit-run loop: everything but the tests marked slow (end-to-end scripts, several processes).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow" tests
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow" tests
 
 # docs/configuration.md, generated from the config classes in fct/config/ (tests/test_docs.py checks it).
 docs: $(STAMP)
