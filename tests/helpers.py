@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 from unittest import mock
 
-from fct.config import samples
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -93,6 +91,8 @@ def write_backbones(folder: Path, specs: Sequence[tuple[str, int, int]] = (("old
 def digits_backbone_config(folder: Path, epochs: int = 2, extra: str = "", name: str = "backbone.yaml",
                            tensorboard: bool = False) -> Path:
     """A train_backbone.py config on the first 5 digits: model.pt and run/ in ``folder``."""
+    from fct.config import samples
+
     return samples.digits_backbone_config(folder, epochs=epochs, num_classes=5, extra=extra, name=name,
                                           runtime={"tensorboard": tensorboard})
 
