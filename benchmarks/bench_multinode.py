@@ -38,10 +38,6 @@ sys.path.insert(0, str(REPO))
 from fct.config.samples import digits_backbone_config  # noqa: E402
 
 
-def write_config(folder: Path, epochs: int, num_classes: int, batch: int) -> Path:
-    return digits_backbone_config(folder, epochs=epochs, num_classes=num_classes, batch=batch)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,7 +64,8 @@ WAYS = ("one process, 1 thread", "one process, 2 threads", "one node, 2 processe
 
 def run_way(way: str, folder: Path, args: argparse.Namespace) -> tuple[float, float]:
     """(wall seconds, training seconds) of one fresh run."""
-    config = write_config(folder, args.epochs, args.num_classes, args.batch)
+    config = digits_backbone_config(folder, epochs=args.epochs, num_classes=args.num_classes,
+                                    batch=args.batch)
     cmds, threads = commands(way, config)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads}
     logs = [folder / f"node{i}.err" for i in range(len(cmds))]

@@ -217,7 +217,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path) -> None:
              ("notes.txt", "out.onnx", "not a model file"), ("h.pt", "h.pt", "would destroy the input")]
     for model, out, message in cases:
         result = run_cli("-m", "fct.export", "--model", str(tmp_path / model), "--format", "onnx",
-                            "--out", str(tmp_path / out))
+                         "--out", str(tmp_path / out))
         assert result.returncode == 2, result.stderr
         assert message in one_error_line(result.stderr)
     assert not (tmp_path / "out.onnx").exists()

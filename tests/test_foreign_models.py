@@ -281,7 +281,7 @@ def test_training_from_a_config_with_pretrained_weights(tmp_path, timm_file):
 def test_wrap_cli_and_eval_on_digits(tmp_path, timm_file):
     _, path = timm_file
     bad = run_cli("-m", "fct.models.wrap", "--arch", "timm/resnet18", "--pretrained-path", str(path),
-                     "--out", str(tmp_path / "x.pt"))  # default width: every shape mismatches
+                  "--out", str(tmp_path / "x.pt"))  # default width: every shape mismatches
     assert bad.returncode == 2 and "shape mismatch" in one_error_line(bad.stderr)
     cfg = tmp_path / "bb.yaml"
     cfg.write_text(textwrap.dedent(f"""\
@@ -323,7 +323,7 @@ def test_train_backbone_one_epoch_from_timm_weights(tmp_path, timm_file):
     assert meta["pretrained"] == {"path": str(path), "sha256": file_sha256(path)} and meta["image_size"] == 8
     # the weight file is an input: a run may not write its model over it
     r = run_cli("train_backbone.py", "--config", str(cfg), "--set", f"output_model_path={path}",
-                   "--set", f"output_dir={tmp_path}/run2")
+                "--set", f"output_dir={tmp_path}/run2")
     assert r.returncode == 2 and "output_model_path is the input arch_params.pretrained_path" in r.stderr
 
 

@@ -9,7 +9,6 @@ two runs into one folder, unwritable folders, torchrun, a killed write, the umas
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -260,21 +259,13 @@ ROWS = [
 ]
 
 
-def _main(script: str) -> Callable:
-    sys.path.insert(0, str(REPO))
-    return importlib.import_module(script).main
-
-
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_bad_input_is_one_line_and_exit_2(row: Row, world: Path, tmp_path: Path, capsys) -> None:
-    from fct.cli import run_main
-
-    argv = row.args(world, tmp_path)
+def test_bad_input_is_one_line_and_exit_2(row: Row, world: Path, tmp_path: Path) -> None:
+    command = ["-m", row.script] if row.script.startswith("fct.") else [f"{row.script}.py"]
     before = snapshot(*(world / g for g in row.guarded))
-    code = run_main(_main(row.script), argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    line = one_error_line(err)
+    r = run_cli(*command, *row.args(world, tmp_path))
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r.stderr)
     for fragment in row.fragments:
         assert fragment in line, line
     assert snapshot(*(world / g for g in row.guarded)) == before
@@ -292,7 +283,8 @@ def test_every_entry_point_exits_with_run_mains_status() -> None:
     below that need one (locks, permissions, concurrent runs) run real processes."""
     for path in ENTRY_POINTS:
         text = (REPO / path).read_text()
-        block = [line.strip() for line in text[text.rindex('\nif __name__ == "__main__":'):].splitlines() if line.strip()]
+        tail = text[text.rindex('\nif __name__ == "__main__":'):]
+        block = [line.strip() for line in tail.splitlines() if line.strip()]
         assert block[0] == 'if __name__ == "__main__":' and block[-1] == "sys.exit(run_main(main))", path
         assert set(block[1:-1]) <= {"from fct.cli import run_main"}, path
     found = {str(p.relative_to(REPO)) for p in [*REPO.glob("*.py"), *(REPO / "fct").rglob("*.py")]
@@ -332,7 +324,7 @@ def test_refused_resume_leaves_config_yaml_untouched(tmp_path, killed_after_firs
     run = tmp_path / "run"
     before = snapshot(run)
     r = run_cli("train_backbone.py", "--config", str(cfg), "--set", "optimizer_params.lr=0.05",
-                   "--set", "arch_params.embedding_dim=32")
+                "--set", "arch_params.embedding_dim=32")
     assert r.returncode == 2
     line = one_error_line(r.stderr)
     assert "arch_params.embedding_dim, optimizer_params.lr changed" in line, line
@@ -347,7 +339,7 @@ def test_refused_transformation_resume_leaves_config_yaml_untouched(tmp_path):
     run = tmp_path / "run"
     before = snapshot(run)
     r = run_cli("train_transformation.py", "--config", str(cfg), "--set", "optimizer_params.lr=0.01",
-                   "--set", "arch_params.inner_dim=8", "--set", "seed=1")
+                "--set", "arch_params.inner_dim=8", "--set", "seed=1")
     assert r.returncode == 2
     assert "arch_params.inner_dim, optimizer_params.lr, seed changed" in one_error_line(r.stderr)
     assert snapshot(run) == before
@@ -413,7 +405,7 @@ def test_transformation_output_equal_to_old_model_keeps_the_old_model(tmp_path):
     cfg = digits_transformation_config(tmp_path, models, epochs=1)
     before = snapshot(models)
     r = run_cli("train_transformation.py", "--config", str(cfg),
-                   "--set", f"output_transformation_path={models}/old.pt")
+                "--set", f"output_transformation_path={models}/old.pt")
     assert r.returncode == 2
     assert "output_transformation_path is the input old_model_path" in one_error_line(r.stderr)
     assert snapshot(models) == before

